@@ -1,0 +1,73 @@
+"""Configs: every preset loads, overrides are typed, and bad keys/types fail with one clear line."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lmforge.config import CONFIG_DIR, RunConfig, load_config, parse_overrides, save_run_yaml
+from lmforge.errors import ConfigError
+
+PRESETS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def test_presets_exist():
+    assert {"gpt-tiny", "gpt-small", "gpt2-124m", "llama-100m"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_loads(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, RunConfig)
+    raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+    for section, values in raw.items():  # every key in the file reached the dataclass
+        for key, value in values.items():
+            got = getattr(getattr(cfg, section), key)
+            assert got == value or (isinstance(value, int) and got == float(value))
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("gpt-tiny", ["--train.lr=3e-4", "--model.n_layer", "3", "--train.compile=true"])
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.model.n_layer == 3 and cfg.train.compile is True
+    assert parse_overrides(["--generate.stop=[a, b]"]) == {"generate": {"stop": ["a", "b"]}}
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--train.lrr=1"], "unknown config key 'train.lrr'; valid keys:"),
+        (["--modle.n_layer=1"], "unknown config key 'modle'"),
+        (["--model.n_layer=two"], "model.n_layer must be an integer"),
+        (["--train.compile=3"], "train.compile must be true or false"),
+        (["--model.norm=batchnorm"], "choose one of: layernorm, rmsnorm"),
+        (["--model.n_head=5"], "divisible"),
+    ],
+)
+def test_bad_overrides_name_the_key(args, needle):
+    with pytest.raises(ConfigError, match=None) as e:
+        load_config("gpt-tiny", args)
+    assert needle in str(e.value)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError) as e:
+        load_config("gpt-huge")
+    assert "gpt-tiny" in str(e.value)
+
+
+def test_run_yaml_records_config_seed_git(tmp_path):
+    cfg = load_config("gpt-tiny", ["--train.seed=7"])
+    doc = yaml.safe_load(save_run_yaml(cfg, tmp_path).read_text())
+    assert doc["seed"] == 7 and doc["config"]["model"]["n_layer"] == 2 and "git" in doc
+
+
+def test_cli_config_error_is_one_line_exit_2():
+    r = subprocess.run(
+        [sys.executable, "-m", "lmforge", "model", "info", "gpt-tiny", "--model.nlayer=2"],
+        capture_output=True, text=True,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "model.nlayer" in r.stderr
+    assert "Traceback" not in r.stderr
