@@ -1,0 +1,184 @@
+"""Users' own data: every format, spec kind and error case of readers.py, on files written here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from lmforge.data import readers, sources
+from lmforge.data.readers import ReadStats, iter_documents, iter_labeled
+from lmforge.errors import DataError
+
+
+def write(path: Path, data: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def read(spec, **kw) -> tuple[list[str], ReadStats]:
+    stats = ReadStats()
+    return list(iter_documents(spec, stats=stats, **kw)), stats
+
+
+# ---------------------------------------------------------------------------------------------
+# formats
+
+
+def test_txt_and_md_one_document_per_file(tmp_path):
+    write(tmp_path / "a.txt", "\ufeffFirst doc.\n\nStill first.\n")
+    write(tmp_path / "b.md", "# Second\n")
+    write(tmp_path / "empty.txt", "  \n\n")
+    docs, stats = read(tmp_path)
+    assert docs == ["First doc.\n\nStill first.\n", "# Second\n"]
+    assert stats == ReadStats(documents=2, bytes=len("First doc.\n\nStill first.\n# Second\n"),
+                              replaced_bytes=0, files=3)
+
+
+def test_big_txt_is_cut_at_blank_lines(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "SPLIT_BYTES", 50)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 20)
+    monkeypatch.setattr(readers, "HARD_CHUNK_BYTES", 60)
+    paras = ["alpha beta gamma delta\n", "\n", "epsilon zeta\n", "eta theta iota kappa\n", "\n", "lambda\n"]
+    write(tmp_path / "big.txt", "".join(paras))
+    docs, _ = read(tmp_path / "big.txt")
+    # chunk 1 ends at the first blank line after 20 bytes; no blank line falls past 20 bytes in
+    # chunk 2 until its end, so it ends at the file's end
+    assert docs == ["alpha beta gamma delta\n\n", "epsilon zeta\neta theta iota kappa\n\n", "lambda\n"]
+    assert "".join(docs) == "".join(paras)  # nothing lost or repeated
+
+
+def test_big_txt_without_blank_lines_cut_at_line_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "SPLIT_BYTES", 10)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 5)
+    monkeypatch.setattr(readers, "HARD_CHUNK_BYTES", 12)
+    write(tmp_path / "lines.txt", "aaaa\nbbbb\ncccc\ndddd\n")
+    docs, _ = read(tmp_path / "lines.txt")
+    assert docs == ["aaaa\nbbbb\ncccc\n", "dddd\n"]
+
+
+def test_jsonl_text_field_and_bare_strings(tmp_path):
+    write(tmp_path / "d.jsonl", '{"text": "one", "id": 1}\n\n"two"\n{"text": ""}\n{"text": null}\n')
+    assert read(tmp_path / "d.jsonl")[0] == ["one", "two"]
+    write(tmp_path / "e.jsonl", '{"body": "x y", "text": 3}\n')
+    assert read(tmp_path / "e.jsonl", text_field="body")[0] == ["x y"]
+
+
+def test_json_array_and_gz(tmp_path):
+    write(tmp_path / "arr.json", json.dumps([{"text": "a"}, {"text": "b"}]))
+    assert read(tmp_path / "arr.json")[0] == ["a", "b"]
+    write(tmp_path / "lines.json", '{"text": "c"}\n{"text": "d"}\n')
+    assert read(tmp_path / "lines.json")[0] == ["c", "d"]
+    write(tmp_path / "z.jsonl.gz", gzip.compress(b'{"text": "zipped"}\n'))
+    write(tmp_path / "z.txt.gz", gzip.compress(b"zipped text"))
+    assert read(tmp_path / "z.jsonl.gz")[0] == ["zipped"]
+    assert read(tmp_path / "z.txt.gz")[0] == ["zipped text"]
+
+
+def test_csv_named_or_only_text_column(tmp_path):
+    write(tmp_path / "a.csv", '\ufeffid,text,score\n1,"hello, world",0.5\n2,"multi\nline",1\n')
+    assert read(tmp_path / "a.csv")[0] == ["hello, world", "multi\nline"]
+    write(tmp_path / "b.csv", "id,review,stars\n1,great,5\n2,bad,1\n3,,2\n")
+    assert read(tmp_path / "b.csv")[0] == ["great", "bad"]  # the only non-numeric column
+    write(tmp_path / "c.csv", "title,body\nT,B\n")
+    assert read(tmp_path / "c.csv", text_field="body")[0] == ["B"]
+
+
+def test_parquet_by_batches(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [f"doc {i}" for i in range(2500)]
+    table = pa.table({"id": list(range(2500)), "content": texts, "label": ["pos", "neg"] * 1250})
+    pq.write_table(table, tmp_path / "d.parquet", row_group_size=1000)
+    docs, stats = read(tmp_path / "d.parquet", text_field="content")  # 3 batches of 1024 rows
+    assert docs == texts and stats.documents == 2500
+    assert list(iter_labeled(tmp_path / "d.parquet", "content"))[:2] == [("doc 0", "pos"), ("doc 1", "neg")]
+
+
+def test_parquet_only_string_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"n": [1, 2], "body": ["x", "y"]}), tmp_path / "p.parquet")
+    assert read(tmp_path / "p.parquet")[0] == ["x", "y"]
+    pq.write_table(pa.table({"a": ["x"], "b": ["y"]}), tmp_path / "two.parquet")
+    with pytest.raises(DataError, match=r"no field 'text' \(fields: a, b\); pass --text-field"):
+        read(tmp_path / "two.parquet")
+
+
+def test_labeled_jsonl_and_csv(tmp_path):
+    write(tmp_path / "l.jsonl", '{"text": "good", "label": 1}\n{"text": "bad", "label": "neg"}\n')
+    assert list(iter_labeled(tmp_path / "l.jsonl")) == [("good", "1"), ("bad", "neg")]
+    write(tmp_path / "l.csv", "sentence,y\nfine,pos\n")
+    assert list(iter_labeled(tmp_path / "l.csv", "sentence", "y")) == [("fine", "pos")]
+    with pytest.raises(DataError, match=r"l.jsonl:1: no field 'y' .*pass --label-field"):
+        list(iter_labeled(tmp_path / "l.jsonl", label_field="y"))
+    with pytest.raises(DataError, match="labeled data must be"):
+        list(iter_labeled(write(tmp_path / "t.txt", "x")))
+
+
+# ---------------------------------------------------------------------------------------------
+# spec kinds and stats
+
+
+def test_glob_and_recursive_folder(tmp_path):
+    write(tmp_path / "c/one.txt", "1")
+    write(tmp_path / "c/sub/two.jsonl", '{"text": "2"}\n')
+    write(tmp_path / "c/sub/skip.bin", b"\x00")  # unsupported files in a folder are skipped
+    write(tmp_path / "c/.hidden/three.txt", "3")  # hidden folders too
+    docs, stats = read(tmp_path / "c")
+    assert docs == ["1", "2"] and stats.files == 2
+    assert read(str(tmp_path / "c/**/*.jsonl"))[0] == ["2"]
+
+
+def test_named_source_reads_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
+    entry = tmp_path / "sources" / "shakespeare"
+    write(entry / "docs.jsonl", '{"text": "cached play", "title": "x"}\n')
+    write(entry / "info.json", "{}")  # the completion mark: no fetch happens
+    monkeypatch.setattr(sources, "download", lambda *a: pytest.fail("should not download"))
+    assert read("shakespeare")[0] == ["cached play"]
+
+
+def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
+    write(tmp_path / "a.txt", b"caf\xe9 \xff\xfe ok")
+    write(tmp_path / "b.jsonl", b'{"text": "na\xefve"}\n')
+    write(tmp_path / "c.csv", b"text\nr\xe9sum\xe9\n")
+    docs, stats = read(str(tmp_path / "*"))
+    assert docs == ["caf\ufffd \ufffd\ufffd ok", "na\ufffdve", "r\ufffdsum\ufffd"]
+    assert stats.replaced_bytes == 6 and stats.files == 3
+
+
+def test_non_utf8_in_a_big_streamed_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "SPLIT_BYTES", 4)
+    write(tmp_path / "a.txt", "héllo\n".encode() + b"\xc3\n" + "wörld\n".encode())
+    docs, stats = read(tmp_path / "a.txt")
+    assert "".join(docs) == "héllo\n\ufffd\nwörld\n" and stats.replaced_bytes == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: one line, saying what to fix
+
+
+@pytest.mark.parametrize("make, spec, message", [
+    (None, "missing/file.txt", "no such file, folder or named source"),
+    (None, "nothing/*.jsonl", "matches no files"),
+    (("data.xml", "<a/>"), "data.xml", "unsupported file type '.xml'"),
+    (("e/blank.txt", "\n\n"), "e", "no non-empty documents"),
+    (("bad.jsonl", '{"text": "ok"}\n{oops\n'), "bad.jsonl", r"bad.jsonl:2: not valid JSON"),
+    (("f.jsonl", '{"body": "x"}\n'), "f.jsonl", r"f.jsonl:1: no field 'text' \(fields: body\); pass --text-"),
+    (("n.jsonl", '{"text": 5}\n'), "n.jsonl", r"n.jsonl:1: field 'text' is int"),
+    (("two.csv", "a,b\nx,y\n"), "two.csv", r"no field 'text' \(fields: a, b\); pass --text-field"),
+    (("ragged.csv", "text,b\nx\n"), "ragged.csv", r"ragged.csv:2: 1 fields where the header has 2"),
+    (("x.parquet", "not parquet"), "x.parquet", "not a readable Parquet file"),
+    (None, "empty-folder", "holds no"),
+])
+def test_errors(tmp_path, make, spec, message):
+    if make:
+        write(tmp_path / make[0], make[1])
+    (tmp_path / "empty-folder").mkdir()
+    with pytest.raises(DataError, match=message) as err:
+        read(str(tmp_path / spec))
+    assert "\n" not in str(err.value)
