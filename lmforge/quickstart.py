@@ -1,0 +1,110 @@
+"""`lmforge quickstart`: the whole pipeline in one go, on a real corpus, within minutes on a CPU.
+
+    fetch (shakespeare by default) -> train a byte-level BPE tokenizer -> prepare token shards
+    -> pretrain the `gpt-small` preset -> report val perplexity -> print samples -> next steps
+
+Each step is the same plain Python call its CLI verb makes; nothing here is quickstart-only logic.
+`--data` takes any named source or your own file / folder / glob. The training budget is a number
+of optimizer steps (so the LR schedule completes), with `--max-time` as a safety net.
+
+    lmforge quickstart                                  # what `make demo` runs
+    lmforge quickstart --data austen --out runs/austen --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_PROMPTS = {
+    "shakespeare": ["ROMEO.\n", "KING HENRY.\nWhat", "HAMLET.\nTo be, or not to be"],
+}
+FALLBACK_PROMPTS = ["The ", "It was ", "\n"]
+
+
+def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: str = "gpt-small",
+               vocab_size: int = 8192, steps: int | None = None, max_time: float = 480.0,
+               prompts: list[str] | None = None, overrides: list[str] | None = None) -> dict:
+    from lmforge import api, tokenizer
+    from lmforge.data.prepare import prepare
+    from lmforge.data.readers import ReadStats, iter_documents
+    from lmforge.train.pretrain import pretrain
+
+    t0 = time.time()
+    root = Path(out)
+    if root.exists():  # a quickstart dir is always rebuilt from scratch
+        if not (root / "quickstart.txt").exists():
+            from lmforge.errors import ConfigError
+
+            raise ConfigError(f"{root} exists and was not written by quickstart; pass another --out")
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    (root / "quickstart.txt").write_text("written by `lmforge quickstart`; safe to delete\n")
+
+    _step(1, f"data: {data}")
+    stats = ReadStats()
+    docs = sum(1 for _ in iter_documents(data, stats=stats))  # fetches a named source if needed
+    print(f"  {docs} documents, {stats.bytes / 1e6:.1f} MB")
+
+    _step(2, f"tokenizer: byte-level BPE, vocab {vocab_size}")
+    tok = tokenizer.train("bpe", iter_documents(data), vocab_size=vocab_size)
+    tok_path = root / "tokenizer" / "tokenizer.json"
+    tok.save(tok_path)
+    print(f"  {tok.vocab_size} tokens -> {tok_path}")
+
+    _step(3, "prepare: token shards")
+    shards = root / "shards"
+    prepare([data], tok_path, shards, val_fraction=0.05, workers=2, progress=False)
+
+    _step(4, f"pretrain: {preset} on the CPU (or GPU if present)")
+    run = root / "run"
+    over = {"train": {"max_time": max_time}, "model": {"vocab_size": tok.vocab_size}}
+    if steps:
+        over["train"]["max_steps"] = steps
+    from lmforge.config import merge, parse_overrides
+
+    over = merge(over, parse_overrides(overrides or []))
+    metrics = pretrain(preset, shards=str(shards), out=str(run), overrides=over)
+
+    _step(5, "samples")
+    model, tok = api.load(run)
+    for prompt in prompts or DEFAULT_PROMPTS.get(data, FALLBACK_PROMPTS):
+        text = api.generate(model, tok, prompt, max_new_tokens=80, temperature=0.8, top_k=50, seed=0)
+        print(f"--- {prompt!r}\n{prompt}{text}\n")
+
+    val = {k: v for k, v in metrics.items() if k.startswith("val")}
+    print(f"done in {time.time() - t0:.0f} s; " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+    print(f"""
+run dir: {run}  (config.json, model.safetensors, tokenizer.json, run.yaml, metrics.jsonl, loss.png, tb/)
+next:
+  lmforge generate {run} "ROMEO." --temperature 0.8 --top-k 50
+  tensorboard --logdir {run}/tb
+  lmforge pretrain {preset} --data.shards {shards} --train.out_dir {run} --resume --train.max_steps=2000
+  lmforge quickstart --data austen --out runs/austen     # or your own: --data 'my_texts/*.txt'
+  lmforge convert --to-hf {run} runs/hf-export           # load it with transformers
+""")
+    return metrics
+
+
+def _step(i: int, what: str) -> None:
+    print(f"\n[{i}/5] {what}", file=sys.stderr, flush=True)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="shakespeare", help="named source or your own file/folder/glob")
+    parser.add_argument("--out", default="runs/quickstart", help="output folder (rebuilt on each run)")
+    parser.add_argument("--preset", default="gpt-small", help="model/train preset (default gpt-small)")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's)")
+    parser.add_argument("--max-time", type=float, default=480.0, help="training time cap in seconds")
+    parser.add_argument("--prompt", action="append", dest="prompts", help="sample prompt (repeatable)")
+    parser.set_defaults(func=_cmd, overrides=True)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    quickstart(args.data, args.out, args.preset, args.vocab_size, args.steps, args.max_time,
+               args.prompts, args.overrides)
+    return 0

@@ -1,0 +1,39 @@
+"""The quickstart runs the whole pipeline on the user's own file and leaves a loadable run dir."""
+
+import json
+
+import pytest
+
+from lmforge import api
+from lmforge.errors import ConfigError
+from lmforge.quickstart import quickstart
+
+
+def _corpus(tmp_path):
+    line = "CITIZEN {}.\nWe are accounted poor citizens, the patricians good number {}.\n"
+    lines = [line.format(i, i) for i in range(300)]
+    path = tmp_path / "play.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def test_quickstart_end_to_end(tmp_path, capsys):
+    out = tmp_path / "qs"
+    metrics = quickstart(data=str(_corpus(tmp_path)), out=str(out), preset="gpt-tiny", vocab_size=300,
+                         steps=4, prompts=["CITIZEN"])
+    assert metrics["val_loss"] > 0
+    run = out / "run"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "run.yaml", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert json.loads((out / "shards" / "meta.json").read_text())["splits"]["train"]["tokens"] > 0
+    model, tok = api.load(run)
+    assert model.cfg.vocab_size == tok.vocab_size
+    assert "--- 'CITIZEN'" in capsys.readouterr().out
+
+
+def test_quickstart_refuses_foreign_out_dir(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not written by quickstart"):
+        quickstart(data=str(_corpus(tmp_path)), out=str(tmp_path / "mine"), preset="gpt-tiny", steps=1)
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
