@@ -1,0 +1,368 @@
+"""Tokenizers: a thin wrapper over the `tokenizers` library, plus `lmforge tokenizer train|stats`.
+
+Three families, each with the special tokens its models expect:
+
+    bpe        byte-level BPE (GPT-2 style); <|endoftext|> is eos, bos and pad; chat markers
+               <|im_start|> <|im_end|>. Lossless: decode(encode(text)) == text for any text.
+    wordpiece  BERT style; [PAD] [UNK] [CLS] [SEP] [MASK]; BertNormalizer (optional lowercase,
+               CJK characters split one per word) and a "[CLS] A [SEP] B [SEP]" post-processor.
+    unigram    T5 style (SentencePiece unigram over "▁"-marked words); <pad> </s> <unk> and
+               sentinels <extra_id_0>..<extra_id_{N-1}>; "A </s>" post-processor.
+
+Training streams documents through `lmforge.data.readers.iter_documents`, so the corpus is never
+held in memory. The result is one `tokenizer.json` that `transformers.PreTrainedTokenizerFast`
+loads as is.
+
+    $ lmforge tokenizer train --type bpe --data shakespeare --vocab-size 8192 --out tok/
+    $ lmforge tokenizer stats tok/ --data heldout.txt
+
+    >>> tok = Tokenizer.load("tok/")
+    >>> tok.decode(tok.encode("héllo 世界 🙂"))
+    'héllo 世界 🙂'
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as _HFTokenizer
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_write_text
+
+TYPES = ("bpe", "wordpiece", "unigram")
+BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
+
+# role -> token strings that play it, first match wins (covers our three families and common HF files)
+_ROLES = {
+    "eos": ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>"),
+    "bos": ("<|endoftext|>", "<s>", "<bos>", "<|begin_of_text|>"),
+    "pad": ("[PAD]", "<pad>", "<|endoftext|>"),
+    "unk": ("[UNK]", "<unk>"),
+    "cls": ("[CLS]",),
+    "sep": ("[SEP]",),
+    "mask": ("[MASK]", "<mask>"),
+}
+
+
+class Tokenizer:
+    """Our tokenizer: the `tokenizers.Tokenizer` in `.inner` plus the special ids the rest of lmforge uses.
+
+    `encode` returns the raw ids of the text (no [CLS]/[SEP], no </s>); objectives add specials.
+
+    >>> tok = Tokenizer.load("tok/tokenizer.json")      # a byte-level BPE from `tokenizer train`
+    >>> tok.decode(tok.encode("Hello world"))
+    'Hello world'
+    >>> tok.eos_id, tok.sep_id, tok.separator_id
+    (0, None, 0)
+    """
+
+    def __init__(self, inner: _HFTokenizer):
+        self.inner = inner
+        vocab = inner.get_vocab(with_added_tokens=True)
+        for role, names in _ROLES.items():
+            setattr(self, f"{role}_id", next((vocab[n] for n in names if n in vocab), None))
+        self._vocab_size = max(vocab.values()) + 1 if vocab else 0
+        self._kind = json.loads(inner.to_str())["model"]["type"].lower()
+
+    # -- files -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer.json, or a folder holding one. Anything else is a CheckpointError."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(f"no tokenizer at {path}; give a tokenizer.json or a folder holding one")
+        try:
+            inner = _HFTokenizer.from_file(str(file))
+        except Exception:
+            raise CheckpointError(
+                f"{file} is not a tokenizer.json; train one with `lmforge tokenizer train`"
+            ) from None
+        return cls(inner)
+
+    def save(self, path: str | Path) -> Path:
+        """Write tokenizer.json (into `path` if it is a folder or has no .json suffix), atomically."""
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path / "tokenizer.json"
+        atomic_write_text(path, self.inner.to_str(pretty=True))
+        return path
+
+    # -- encode / decode -------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.inner.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        return [e.ids for e in self.inner.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.inner.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.inner.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self.inner.id_to_token(idx)
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included (max id + 1)."""
+        return self._vocab_size
+
+    @property
+    def kind(self) -> str:
+        """'bpe' | 'wordpiece' | 'unigram' | 'wordlevel', from the model section of tokenizer.json."""
+        return self._kind
+
+    @property
+    def separator_id(self) -> int:
+        """The id written after every document in token shards: eos (BPE, Unigram) or [SEP] (WordPiece)."""
+        sep = self.eos_id if self.eos_id is not None else self.sep_id
+        if sep is None:
+            raise CheckpointError("tokenizer has neither an eos token nor [SEP]; retrain it with lmforge")
+        return sep
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the canonical (sorted-key, compact) JSON, so formatting does not change it."""
+        canon = json.dumps(json.loads(self.inner.to_str()), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.kind}, vocab_size={self.vocab_size}, eos={self.eos_id}, sep={self.sep_id})"
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def build(kind: str, lowercase: bool = True, extra_ids: int = 100) -> tuple[_HFTokenizer, list[str]]:
+    """An untrained tokenizer of one family and the special tokens its trainer must reserve first."""
+    if kind == "bpe":
+        tok = _HFTokenizer(models.BPE())
+        # use_regex=True is GPT-2's pre-tokenization pattern; prepare's tiktoken fast path relies on it
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        return tok, list(BPE_SPECIALS)
+    if kind == "wordpiece":
+        tok = _HFTokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        # handle_chinese_chars puts spaces around CJK ideographs, so each becomes its own word
+        tok.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+        )
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece(prefix="##")
+        return tok, list(BERT_SPECIALS)
+    if kind == "unigram":
+        tok = _HFTokenizer(models.Unigram())
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace("\u00a0", " ")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        return tok, T5_SPECIALS + [f"<extra_id_{i}>" for i in range(extra_ids)]
+    raise ConfigError(f"unknown tokenizer type {kind!r}; choose one of: {', '.join(TYPES)}")
+
+
+def _post_processor(kind: str, tok: _HFTokenizer) -> None:
+    """Templates that add specials when `add_special_tokens=True` (what transformers does by default)."""
+    ids = lambda *names: [(n, tok.token_to_id(n)) for n in names]
+    if kind == "wordpiece":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=ids("[CLS]", "[SEP]")
+        )
+    elif kind == "unigram":
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B:1 </s>:1", special_tokens=ids("</s>")
+        )
+
+
+def train(
+    kind: str,
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    lowercase: bool = True,
+    extra_ids: int = 100,
+    min_frequency: int = 2,
+    show_progress: bool = False,
+) -> Tokenizer:
+    """Train a tokenizer of family `kind` on an iterable of documents (consumed once, streaming).
+
+    >>> tok = train("bpe", ["hello world"] * 50, vocab_size=270)
+    >>> tok.decode(tok.encode("hello"))
+    'hello'
+    """
+    tok, specials = build(kind, lowercase=lowercase, extra_ids=extra_ids)
+    floor = len(specials) + (256 if kind == "bpe" else 1)
+    if vocab_size <= floor:
+        raise ConfigError(f"--vocab-size {vocab_size} is too small for {kind}; use more than {floor}")
+    added = [AddedToken(s, special=True, normalized=False) for s in specials]
+    if kind == "bpe":
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=added,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+        )
+    elif kind == "wordpiece":
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=added,
+            continuing_subword_prefix="##", show_progress=show_progress,
+        )
+    else:
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=added, unk_token="<unk>", show_progress=show_progress,
+        )
+    tok.train_from_iterator(_batches(texts), trainer=trainer)
+    _post_processor(kind, tok)
+    return Tokenizer(tok)
+
+
+def _batches(texts: Iterable[str], size: int = 256) -> Iterator[list[str]]:
+    """Lists of documents for `train_from_iterator` (it takes batches as well as single strings)."""
+    batch: list[str] = []
+    for t in texts:
+        batch.append(t)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---------------------------------------------------------------------------------------------
+# stats
+
+
+def is_cjk(ch: str) -> bool:
+    """Han ideographs, kana and hangul: scripts written without spaces between words.
+
+    >>> is_cjk("中"), is_cjk("a")
+    (True, False)
+    """
+    cp = ord(ch)
+    return (
+        0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2FA1F
+        or 0xF900 <= cp <= 0xFAFF or 0x3040 <= cp <= 0x30FF or 0xAC00 <= cp <= 0xD7AF
+    )
+
+
+def language_of(text: str) -> str:
+    """'zh' when most letters are CJK ideographs, else 'other'.
+
+    >>> language_of("今天天气很好, ok"), language_of("the weather is fine")
+    ('zh', 'other')
+    """
+    letters = [c for c in text[:4000] if unicodedata.category(c)[0] == "L"]
+    cjk = sum(map(is_cjk, letters))
+    return "zh" if letters and cjk / len(letters) > 0.3 else "other"
+
+
+def stats(tok: Tokenizer, docs: Iterable[str], sample_bytes: int = 2_000_000) -> dict[str, dict]:
+    """Per language: documents, bytes, tokens, bytes/token, tokens/word (other), tokens/char (zh), unk %."""
+    out: dict[str, dict] = {}
+    seen = 0
+    for doc in docs:
+        if seen >= sample_bytes:
+            break
+        nbytes = len(doc.encode("utf-8"))
+        seen += nbytes
+        ids = tok.encode(doc)
+        s = out.setdefault(language_of(doc), dict(documents=0, bytes=0, chars=0, words=0, tokens=0, unk=0))
+        s["documents"] += 1
+        s["bytes"] += nbytes
+        s["chars"] += sum(1 for c in doc if not c.isspace())
+        s["words"] += len(doc.split())
+        s["tokens"] += len(ids)
+        s["unk"] += ids.count(tok.unk_id) if tok.unk_id is not None else 0
+    for s in out.values():
+        t = max(s["tokens"], 1)
+        s["bytes_per_token"] = s["bytes"] / t
+        s["tokens_per_word"] = s["tokens"] / max(s["words"], 1)
+        s["tokens_per_char"] = s["tokens"] / max(s["chars"], 1)
+        s["unk_percent"] = 100 * s["unk"] / t
+    return out
+
+
+def format_stats(tok: Tokenizer, table: dict[str, dict]) -> str:
+    lines = [f"{tok.kind} tokenizer, vocab size {tok.vocab_size:,}"]
+    for lang, s in sorted(table.items()):
+        per = (
+            f"tokens/char {s['tokens_per_char']:.3f} (words are not space-separated)"
+            if lang == "zh" else f"tokens/word {s['tokens_per_word']:.3f}"
+        )
+        lines.append(
+            f"  {lang:<5} docs {s['documents']:>7,}  bytes {s['bytes']:>11,}  tokens {s['tokens']:>10,}  "
+            f"bytes/token {s['bytes_per_token']:.3f}  {per}  unk {s['unk_percent']:.2f}%"
+        )
+    if not table:
+        lines.append("  (no documents in the sample)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = sub.add_parser(
+        "train", help="train a tokenizer on documents (streaming) and write OUT/tokenizer.json",
+        description="Train a tokenizer with the `tokenizers` library, streaming the documents.",
+    )
+    p.add_argument("--type", required=True, choices=TYPES,
+                   help="bpe: byte-level BPE (GPT); wordpiece: BERT; unigram: T5-style")
+    p.add_argument("--data", action="append", required=True, metavar="SPEC",
+                   help="named source, file, glob or folder (txt/jsonl/csv/parquet); repeatable")
+    p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, specials included")
+    p.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    p.add_argument("--text-field", default="text", help="column / JSON key holding the text (default: text)")
+    p.add_argument("--cased", action="store_true", help="wordpiece: keep case (default lowercases)")
+    p.add_argument("--extra-ids", type=int, default=100, help="unigram: number of <extra_id_N> sentinels")
+    p.add_argument("--min-frequency", type=int, default=2, help="bpe/wordpiece: minimum pair frequency")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "stats", help="vocab size, bytes/token, tokens/word (tokens/char for zh) on a held-out sample",
+        description="Measure a tokenizer on held-out text, per language (zh vs other, by script).",
+    )
+    p.add_argument("tokenizer", help="tokenizer.json or a folder holding one")
+    p.add_argument("--data", action="append", required=True, metavar="SPEC", help="held-out text; repeatable")
+    p.add_argument("--sample-mb", type=float, default=2.0, help="megabytes of text to measure (default 2)")
+    p.add_argument("--text-field", default="text", help="column / JSON key holding the text")
+    p.set_defaults(func=_cmd_stats)
+
+
+def _documents(specs: list[str], text_field: str, stats_obj=None) -> Iterator[str]:
+    from lmforge.data.readers import iter_documents
+
+    for spec in specs:
+        yield from iter_documents(spec, text_field=text_field, stats=stats_obj)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    t0 = time.time()
+    tok = train(
+        args.type, _documents(args.data, args.text_field), args.vocab_size, lowercase=not args.cased,
+        extra_ids=args.extra_ids, min_frequency=args.min_frequency, show_progress=sys.stderr.isatty(),
+    )
+    path = tok.save(args.out)
+    print(f"wrote {path}: {tok.kind}, vocab size {tok.vocab_size:,}, {time.time() - t0:.1f}s")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    tok = Tokenizer.load(args.tokenizer)
+    table = stats(tok, _documents(args.data, args.text_field), int(args.sample_mb * 1e6))
+    print(format_stats(tok, table))
+    return 0

@@ -1,0 +1,125 @@
+"""TokenWindows cuts exact slices of the shard stream in a seeded order, resumable, disjoint by rank."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data.loader import TokenStream, TokenWindows
+from lmforge.errors import CheckpointError, ConfigError, DataError
+
+
+def write_shards(root, stream, cuts, dtype="uint16", split="train"):
+    """A hand-made shard folder: `stream` cut into files at `cuts`, meta.json as prepare writes it."""
+    (root / split).mkdir(parents=True)
+    names = []
+    for i, part in enumerate(np.split(np.asarray(stream, dtype=dtype), cuts)):
+        name = f"{split}/shard-{i:05d}.bin"
+        part.astype(np.dtype(dtype).newbyteorder("<")).tofile(root / name)
+        names.append(name)
+    meta = {"version": 1, "dtype": dtype, "vocab_size": 60000,
+            "splits": {split: {"tokens": len(stream), "documents": 1, "shards": names}}}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def shards(tmp_path):
+    stream = np.random.default_rng(0).integers(0, 60000, size=1001)
+    return write_shards(tmp_path, stream, [137, 500, 501]), stream  # uneven shards, one of 1 token
+
+
+def epoch_rows(w, n_batches):
+    return torch.cat([next(w) for _ in range(n_batches)])
+
+
+def test_stream_is_the_concatenation_of_shards(shards):
+    root, stream = shards
+    s = TokenStream(root, "train")
+    assert len(s) == len(stream)
+    for a, b in [(0, 1001), (130, 140), (499, 503), (500, 501), (990, 1001)]:
+        assert s[a:b].tolist() == stream[a:b].tolist()
+
+
+def test_windows_are_stream_slices_each_once_per_epoch(shards):
+    root, stream = shards
+    T = 10  # (1001 - 1) // 10 = 100 windows
+    w = TokenWindows(root, "train", seq_len=T, batch_size=5, seed=3)
+    assert w.n_windows == 100
+    rows = epoch_rows(w, 20)  # exactly one epoch
+    assert rows.shape == (100, T + 1) and rows.dtype == torch.long
+    starts = []
+    for row in rows.tolist():
+        k = next(k for k in range(100) if stream[k * T: k * T + T + 1].tolist() == row)
+        starts.append(k)
+    assert sorted(starts) == list(range(100))
+    assert starts != list(range(100))  # shuffled
+    assert w.state_dict()["epoch"] == 0 and w.state_dict()["position"] == 100
+
+
+def test_same_seed_same_order_other_seed_or_epoch_differs(shards):
+    root, _ = shards
+    a = epoch_rows(TokenWindows(root, "train", 10, 4, seed=1), 50)
+    b = epoch_rows(TokenWindows(root, "train", 10, 4, seed=1), 50)
+    c = epoch_rows(TokenWindows(root, "train", 10, 4, seed=2), 50)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal(a[:100], a[100:200])  # epoch 1 is a new permutation
+
+
+def test_resume_from_state_equals_uninterrupted(shards):
+    root, _ = shards
+    full = [next(w) for w in [TokenWindows(root, "train", 10, 7, seed=5)] for _ in range(40)]
+    w = TokenWindows(root, "train", 10, 7, seed=5)
+    for _ in range(13):
+        next(w)
+    state = json.loads(json.dumps(w.state_dict()))  # must survive JSON (trainer_state)
+    w2 = TokenWindows(root, "train", 10, 7, seed=5)
+    w2.load_state_dict(state)
+    for i in range(13, 40):  # batch 14 straddles the end of epoch 0
+        assert torch.equal(next(w2), full[i])
+
+
+def test_rank_splits_are_disjoint_and_complete(shards):
+    root, _ = shards
+    world = 3
+    seen = []
+    for r in range(world):
+        w = TokenWindows(root, "train", 10, 1, seed=9, rank=r, world_size=world)
+        seen.append([tuple(next(w)[0].tolist()) for _ in range(w.windows_per_epoch())])
+    sets = [set(s) for s in seen]
+    assert sum(len(s) for s in seen) == 100
+    assert not (sets[0] & sets[1]) and not (sets[1] & sets[2]) and not (sets[0] & sets[2])
+    one = TokenWindows(root, "train", 10, 100, seed=9)
+    assert set.union(*sets) == {tuple(r) for r in next(one).tolist()}
+
+
+def test_no_shuffle_gives_first_windows_in_order(shards):
+    root, stream = shards
+    w = TokenWindows(root, "train", 10, 3, seed=0, shuffle=False)
+    x = next(w)
+    assert x.tolist() == [stream[k * 10: k * 10 + 11].tolist() for k in range(3)]
+
+
+def test_uint32_shards(tmp_path):
+    stream = np.arange(70000, 70000 + 65, dtype=np.uint32)
+    write_shards(tmp_path, stream, [30], dtype="uint32")
+    x = next(TokenWindows(tmp_path, "train", 8, 2, seed=0, shuffle=False))
+    assert x[0].tolist() == list(range(70000, 70009))
+
+
+def test_errors(shards, tmp_path):
+    root, _ = shards
+    with pytest.raises(DataError, match="too few"):
+        TokenWindows(root, "train", seq_len=1001, batch_size=1, seed=0)
+    with pytest.raises(ConfigError, match="no split 'val'"):
+        TokenWindows(root, "val", 10, 1, seed=0)
+    with pytest.raises(CheckpointError, match="no meta.json"):
+        TokenWindows(tmp_path / "nothing", "train", 10, 1, seed=0)
+    w = TokenWindows(root, "train", 10, 1, seed=0)
+    with pytest.raises(CheckpointError, match="seed=1"):
+        w.load_state_dict({**w.state_dict(), "seed": 1})
+    (root / "train" / "shard-00001.bin").write_bytes(b"\0\0")  # truncated shard
+    with pytest.raises(CheckpointError, match="re-run prepare"):
+        TokenWindows(root, "train", 10, 1, seed=0)

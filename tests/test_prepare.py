@@ -1,0 +1,226 @@
+"""prepare writes shards that decode to the input, split by document, identical on re-runs, atomically."""
+
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer as HF
+from tokenizers import models, pre_tokenizers
+
+from lmforge.cli import main
+from lmforge.data.prepare import Encoder, check_fast_path, fast_encoding, prepare
+from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.tokenizer import Tokenizer, train
+
+ZH = "今天天气很好，我们去公园散步。人工智能正在改变世界。他说：“你好！”学习语言模型需要大量的数据。"
+EMOJI = ["🙂", "👍🏽", "👨‍👩‍👧", "🇫🇷", "🎉", "🚀"]
+
+
+def real_text() -> list[str]:
+    """Real English prose and code: the sources of a few stdlib modules (shipped with every Python)."""
+    return [Path(m.__file__).read_text(encoding="utf-8") for m in (textwrap, json.decoder, random)]
+
+
+def mixed(rng: random.Random, words: list[str]) -> str:
+    """A messy string: words, contractions, CJK, emoji, digit runs, whitespace runs, punctuation."""
+    pieces = []
+    for _ in range(rng.randint(1, 30)):
+        kind = rng.randrange(8)
+        if kind == 0:
+            pieces.append(ZH[rng.randrange(len(ZH)):][: rng.randint(1, 12)])
+        elif kind == 1:
+            pieces.append(rng.choice(EMOJI) * rng.randint(1, 3))
+        elif kind == 2:
+            pieces.append(str(rng.randint(0, 10**rng.randint(1, 15))))
+        elif kind == 3:
+            pieces.append(rng.choice([" ", "  ", "\n", "\n\n", "\t", " \t\n ", "\u00a0", "\r\n", "     "]))
+        elif kind == 4:
+            pieces.append(rng.choice(["'s", "'ll", "n't", "'S", "'re", "'ve", "'d", "'m", "''"]))
+        elif kind == 5:
+            pieces.append(rng.choice(["...", "--", "!?", "#!", "(x)", "{}", "=>", "café", "Ωμέγα", "привет"]))
+        else:
+            pieces.append(" " + rng.choice(words))
+    return "".join(pieces)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    rng = random.Random(0)
+    docs = real_text()
+    words = " ".join(docs).split()
+    docs += [mixed(rng, words) for _ in range(300)]
+    return docs
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train("bpe", corpus, vocab_size=1500).save(path)
+    return path
+
+
+def read_split(out: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    meta = json.loads((out / "meta.json").read_text())
+    ids = np.concatenate([np.fromfile(out / s, dtype=meta["dtype"]) for s in meta["splits"][split]["shards"]])
+    return ids, np.load(out / split / "docs.npy")
+
+
+def test_fast_path_ids_identical_to_tokenizers(bpe, corpus):
+    tok = Tokenizer.load(bpe)
+    enc, lut = fast_encoding(tok)
+    assert enc is not None, lut
+    rng = random.Random(1)
+    words = corpus[0].split()
+    texts = [mixed(rng, words) for _ in range(1500)] + corpus
+    fast = Encoder(tok.inner.to_str(), "tiktoken").encode_lists(texts)
+    slow = tok.encode_batch(texts)
+    assert [f.tolist() for f in fast] == slow
+    assert check_fast_path(tok, texts[:50]) is None
+
+
+def test_shards_decode_to_the_documents(bpe, corpus, tmp_path):
+    out = tmp_path / "shards"
+    meta = prepare([], bpe, out, val_fraction=0.1, documents=corpus, progress=False, shard_tokens=5000)
+    tok = Tokenizer.load(bpe)
+    assert meta["dtype"] == "uint16" and meta["tokenizer_hash"] == tok.hash
+    assert meta["separator_id"] == tok.eos_id == 0
+    assert len(meta["splits"]["train"]["shards"]) > 1  # several 5000-token shards
+    assert Tokenizer.load(out).hash == tok.hash  # tokenizer.json copied
+    val_idx = [i for i in range(len(corpus)) if i >= 1 and -(-i // 10) > -(-(i - 1) // 10)]
+    expect = {"val": [corpus[i] for i in val_idx],
+              "train": [d for i, d in enumerate(corpus) if i not in set(val_idx)]}
+    for split, docs in expect.items():
+        ids, starts = read_split(out, split)
+        assert meta["splits"][split]["documents"] == len(starts) == len(docs)
+        assert meta["splits"][split]["tokens"] == len(ids)
+        ends = np.r_[starts[1:], len(ids)]
+        assert (ids[ends - 1] == 0).all()  # a separator after every document
+        assert [tok.decode(ids[a:b - 1].tolist()) for a, b in zip(starts, ends)] == docs
+
+
+def test_rerun_is_byte_identical_across_workers_and_encoders(bpe, corpus, tmp_path):
+    docs = corpus * 3
+    runs = [("w1", 1, "auto"), ("w2", 2, "auto"), ("slow", 1, "tokenizers")]
+    for name, workers, encoder in runs:
+        prepare([], bpe, tmp_path / name, workers=workers, encoder=encoder, documents=docs, progress=False)
+    files = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1").rglob("*") if p.is_file())
+    assert len(files) == 6  # meta, tokenizer, 2 x (shard + docs.npy)
+    for name, _, _ in runs[1:]:
+        for f in files:
+            if f.name != "meta.json":
+                assert (tmp_path / name / f).read_bytes() == (tmp_path / "w1" / f).read_bytes(), (name, f)
+
+
+def test_guard_falls_back_when_tiktoken_would_differ(tmp_path, capsys):
+    # merges a+b, b+c, a+bc: `tokenizers` leaves "abc" as [ab, c] (no merge ab+c); tiktoken would
+    # join ab+c into the known token abc. The guard must catch it on the input and use tokenizers.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(alphabet))}}
+    for t in ("ab", "bc", "abc"):
+        vocab[t] = len(vocab)
+    inner = HF(models.BPE(vocab=vocab, merges=[("a", "b"), ("b", "c"), ("a", "bc")]))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.add_special_tokens(["<|endoftext|>"])
+    tok = Tokenizer(inner)
+    tok.save(tmp_path / "tok")
+    doc = "abc abc xabc"
+    assert Encoder(inner.to_str(), "tiktoken").encode_lists([doc])[0].tolist() != tok.encode(doc)
+    prepare([], tmp_path / "tok", tmp_path / "out", val_fraction=0, documents=[doc], progress=False)
+    assert "fast path off" in capsys.readouterr().out
+    ids, _ = read_split(tmp_path / "out", "train")
+    assert ids.tolist() == tok.encode(doc) + [0]
+
+
+def test_interrupted_run_leaves_nothing(bpe, corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr("lmforge.data.prepare.BATCH_CHARS", 5000)  # many batches: crash mid-write
+    partial = []
+
+    def docs_then_crash():
+        yield from corpus
+        partial.extend(p.stat().st_size for p in tmp_path.glob(".out.tmp-*/train/shard-00000.bin"))
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        prepare([], bpe, tmp_path / "out", documents=docs_then_crash(), progress=False)
+    assert partial and partial[0] > 0  # it did crash with shards half written
+    assert list(tmp_path.iterdir()) == []  # no out/, no temp folder
+    prepare([], bpe, tmp_path / "out", documents=corpus, progress=False)
+    before = (tmp_path / "out" / "train" / "shard-00000.bin").read_bytes()
+    with pytest.raises(RuntimeError):  # a failed re-run keeps the earlier complete output
+        prepare([], bpe, tmp_path / "out", documents=docs_then_crash(), progress=False)
+    assert (tmp_path / "out" / "train" / "shard-00000.bin").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_big_vocab_uses_uint32_and_refuses_uint16(tmp_path):
+    inner = HF(models.WordLevel({f"w{i}": i for i in range(70000)}, unk_token="w0"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    inner.add_special_tokens(["</s>"])
+    Tokenizer(inner).save(tmp_path / "tok")
+    with pytest.raises(ConfigError, match="does not fit uint16"):
+        prepare([], tmp_path / "tok", tmp_path / "out", dtype="uint16", documents=["w1"], progress=False)
+    meta = prepare([], tmp_path / "tok", tmp_path / "out", val_fraction=0, documents=["w69999 w5"],
+                   progress=False)
+    ids, _ = read_split(tmp_path / "out", "train")
+    assert meta["dtype"] == "uint32" and ids.tolist() == [69999, 5, 70000]
+
+
+def test_cli_files_and_bad_input(bpe, tmp_path, capsys):
+    good = tmp_path / "docs.jsonl"
+    good.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["one doc", "two doc", "three"]))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 au lait".encode("latin-1"))  # \xe9 alone is not UTF-8
+    out = tmp_path / "out"
+    rc = main(["prepare", "--data", str(good), "--data", str(bad), "--tokenizer", str(bpe),
+               "--out", str(out), "--val-docs", "1", "--workers", "1"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "; 1 invalid UTF-8 byte(s) replaced" in text
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 3
+    assert meta["read_stats"]["replaced_bytes"] == 1
+
+    junk = tmp_path / "junk.json"
+    junk.write_text('{"not": "a tokenizer"}')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for argv in (
+        ["--data", str(good), "--tokenizer", str(junk)],
+        ["--data", str(tmp_path / "missing.txt"), "--tokenizer", str(bpe)],
+        ["--data", str(empty), "--tokenizer", str(bpe)],
+    ):
+        assert main(["prepare", *argv, "--out", str(tmp_path / "o2")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "o2").exists()
+    with pytest.raises(CheckpointError):
+        prepare([str(good)], junk, tmp_path / "o3", progress=False)
+    with pytest.raises(DataError, match="not a shard folder"):
+        prepare([str(good)], bpe, tmp_path, progress=False)  # a folder with other files in it
+
+
+@pytest.mark.parametrize("kind,sep", [("wordpiece", "[SEP]"), ("unigram", "</s>")])
+def test_other_families_use_their_separator(kind, sep, corpus, tmp_path):
+    tok = train(kind, corpus, vocab_size=500, extra_ids=4)
+    tok.save(tmp_path / "tok")
+    docs = corpus[3:40]
+    meta = prepare([], tmp_path / "tok", tmp_path / "out", val_fraction=0, documents=docs, progress=False)
+    ids, starts = read_split(tmp_path / "out", "train")
+    assert meta["separator_id"] == tok.token_to_id(sep) and meta["tokenizer_kind"] == kind
+    expect = [i for d in docs for i in tok.encode(d) + [tok.token_to_id(sep)]]
+    assert ids.tolist() == expect and len(starts) == len(docs)
+
+
+def test_single_text_file_still_gets_a_val_split(bpe, tmp_path):
+    paragraphs = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog." for i in range(200)]
+    src = tmp_path / "one.txt"
+    src.write_text("\n\n".join(paragraphs))
+    meta = prepare([str(src)], bpe, tmp_path / "out", val_fraction=0.05, progress=False)
+    assert meta["splits"]["val"]["documents"] >= 3 and meta["splits"]["train"]["documents"] > 40
+    train, _ = read_split(tmp_path / "out", "train")
+    val, _ = read_split(tmp_path / "out", "val")
+    tok = Tokenizer.load(bpe)
+    text = tok.decode(np.concatenate([train, val]).tolist())
+    assert all(p in text for p in paragraphs)  # nothing lost by the cut

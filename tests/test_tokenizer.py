@@ -1,0 +1,131 @@
+"""Trained tokenizers load in transformers with identical ids; BPE is lossless; specials and errors hold."""
+
+import json
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerFast
+
+from lmforge.cli import main
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.tokenizer import Tokenizer, language_of, stats, train
+
+ZH = ["今天天气很好，我们去公园散步。", "人工智能正在改变世界。", "学习语言模型需要大量的数据。",
+      "他说：“你好！”"]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog. It's 2024, isn't it?",
+    "今天天气很好，我们去公园散步。",
+    "emoji 🙂👍🏽 family 👨‍👩‍👧 and flags 🇫🇷",
+    "mixed: café 中文 and 🚀 launch at 09:30 -- done!\n\n\t  indented   ",
+    "    def f(x):\n        return x ** 2  # squares\r\n",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    """Real English (stdlib sources shipped with Python) plus Chinese and emoji lines."""
+    rng = random.Random(0)
+    docs = [Path(m.__file__).read_text(encoding="utf-8") for m in (textwrap, json.decoder, random)]
+    docs += ["".join(rng.choice(ZH) for _ in range(5)) + " 🙂" for _ in range(200)]
+    return docs
+
+
+@pytest.fixture(scope="module")
+def toks(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("toks")
+    out = {}
+    for kind, vocab in (("bpe", 800), ("wordpiece", 800), ("unigram", 400)):
+        tok = train(kind, iter(corpus), vocab_size=vocab, extra_ids=10)  # a one-shot iterator is enough
+        out[kind] = (tok, tok.save(root / kind))
+    return out
+
+
+def test_bpe_round_trips_any_text_exactly(toks):
+    tok, _ = toks["bpe"]
+    for text in TEXTS + ["", " ", "\u00a0\u3000", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ∑ 💯💯", "x" * 500]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
+def test_transformers_loads_and_encodes_identically(toks, kind):
+    tok, path = toks[kind]
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    assert len(hf) == tok.vocab_size
+    for text in TEXTS:
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text)
+        assert hf.encode(text) == tok.encode(text, add_special_tokens=True)
+        assert hf.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+
+
+def test_special_tokens_per_family(toks):
+    bpe, wp, uni = (toks[k][0] for k in ("bpe", "wordpiece", "unigram"))
+    assert (bpe.eos_id, bpe.bos_id, bpe.pad_id, bpe.separator_id) == (0, 0, 0, 0)
+    assert bpe.token_to_id("<|im_start|>") == 1 and bpe.token_to_id("<|im_end|>") == 2
+    assert bpe.encode("a<|im_end|>") == bpe.encode("a") + [2]  # chat markers stay one token
+    assert (wp.pad_id, wp.unk_id, wp.cls_id, wp.sep_id, wp.mask_id) == (0, 1, 2, 3, 4)
+    assert wp.eos_id is None and wp.separator_id == wp.sep_id
+    pair = wp.inner.encode("hello world", "the end")
+    assert pair.ids[0] == wp.cls_id and pair.ids.count(wp.sep_id) == 2 and pair.ids[-1] == wp.sep_id
+    first_sep = pair.ids.index(wp.sep_id)
+    assert pair.type_ids == [0] * (first_sep + 1) + [1] * (len(pair.ids) - first_sep - 1)
+    assert (uni.pad_id, uni.eos_id, uni.unk_id, uni.separator_id) == (0, 1, 2, 1)
+    assert [uni.token_to_id(f"<extra_id_{i}>") for i in (0, 9)] == [3, 12]
+    assert uni.token_to_id("<extra_id_10>") is None
+    assert uni.encode("hello", add_special_tokens=True)[-1] == uni.eos_id
+
+
+def test_wordpiece_splits_chinese_into_characters_and_lowercases(toks):
+    wp, _ = toks["wordpiece"]
+    assert [wp.id_to_token(i) for i in wp.encode("今天天气")] == ["今", "天", "天", "气"]
+    assert wp.encode("THE Return") == wp.encode("the return")
+
+
+def test_hash_ignores_formatting_and_tracks_content(toks, tmp_path):
+    tok, path = toks["bpe"]
+    compact = tmp_path / "compact.json"
+    compact.write_text(tok.inner.to_str(pretty=False))
+    assert Tokenizer.load(compact).hash == tok.hash == Tokenizer.load(path.parent).hash
+    assert toks["wordpiece"][0].hash != tok.hash
+
+
+def test_not_a_tokenizer_is_a_one_line_error(tmp_path, capsys):
+    junk = tmp_path / "model.bin"
+    junk.write_bytes(b"\x00\x01 definitely not json")
+    for bad in (junk, tmp_path / "missing.json", tmp_path):
+        with pytest.raises(CheckpointError):
+            Tokenizer.load(bad)
+    assert main(["tokenizer", "stats", str(junk), "--data", str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "not a tokenizer.json" in err
+    with pytest.raises(ConfigError, match="too small"):
+        train("bpe", ["abc"], vocab_size=100)
+
+
+def test_stats_per_language(toks):
+    tok, _ = toks["bpe"]
+    docs = ["the cat sat on the mat", "今天天气很好", "another English line here"]
+    table = stats(tok, docs)
+    assert language_of(docs[1]) == "zh" and set(table) == {"zh", "other"}
+    zh, other = table["zh"], table["other"]
+    assert zh["tokens"] == len(tok.encode(docs[1])) and zh["chars"] == 6
+    assert zh["tokens_per_char"] == pytest.approx(zh["tokens"] / 6)
+    n_other = len(tok.encode(docs[0])) + len(tok.encode(docs[2]))
+    assert other["tokens_per_word"] == pytest.approx(n_other / 10)
+    assert other["bytes_per_token"] == pytest.approx((len(docs[0]) + len(docs[2])) / n_other)
+
+
+def test_cli_train_and_stats(corpus, tmp_path, capsys):
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"body": d}) + "\n" for d in corpus))
+    rc = main(["tokenizer", "train", "--type", "wordpiece", "--data", str(data), "--text-field", "body",
+               "--vocab-size", "600", "--out", str(tmp_path / "tok")])
+    assert rc == 0
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert tok.kind == "wordpiece" and tok.vocab_size <= 600
+    capsys.readouterr()
+    assert main(["tokenizer", "stats", str(tmp_path / "tok"), "--data", str(data),
+                 "--text-field", "body"]) == 0
+    out = capsys.readouterr().out
+    assert "vocab size" in out and "tokens/char" in out and "tokens/word" in out
