@@ -51,6 +51,7 @@ class ModelConfig:
     dropout: float = 0.0
     attn_impl: str = "sdpa"  # sdpa (F.scaled_dot_product_attention) | math (explicit softmax)
     type_vocab_size: int = 2  # bert: segment embeddings (NSP sentence A / B)
+    heads: str = "mlm,nsp"  # bert: mlm,nsp (pretraining) | mlm (masked LM) | none (encoder + pooler)
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ class ModelConfig:
         _choice("model.norm_position", self.norm_position, ("pre", "post"))
         _choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))
         _choice("model.attn_impl", self.attn_impl, ("sdpa", "math"))
+        _choice("model.heads", self.heads, ("mlm,nsp", "mlm", "none"))
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
         if self.kv_heads < 1 or self.n_head % self.kv_heads:

@@ -1,0 +1,102 @@
+"""The Python convenience API: text in, text out.
+
+    >>> from lmforge import api
+    >>> model, tok = api.load("runs/small")                     # a run dir (or a checkpoint folder)
+    >>> api.generate(model, tok, "Once upon a time", max_new_tokens=40, temperature=0.8, top_k=50, seed=0)
+    ' there was a little girl who ...'
+    >>> api.generate(model, tok, ["Hello", "The sea"], temperature=0, stop=["\\n"])   # a batch
+    [' world ...', ' is ...']
+
+Keyword arguments of `generate` are the fields of `lmforge.config.GenerateConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from lmforge.config import GenerateConfig, from_dict
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.generate import TextStream
+from lmforge.generate import generate as generate_ids
+from lmforge.models.store import load_model
+from lmforge.tokenizer import Tokenizer
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "int8": None}
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not valid; choose one of: {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _finish(model: torch.nn.Module, dtype: str | torch.dtype | None) -> torch.nn.Module:
+    if dtype == "int8":  # weight-only int8 Linear layers + bf16 activations, for fast CPU decoding
+        from lmforge.models.layers import quantize_int8_
+        model = quantize_int8_(model)
+    return model.eval()
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None
+         ) -> tuple[torch.nn.Module, Tokenizer]:
+    """A run dir (config.json + model.safetensors + tokenizer.json) -> (model in eval mode, tokenizer).
+
+    dtype: None (as saved, fp32) | "fp32" | "bf16" | "fp16" | a torch.dtype | "int8" (weight-only
+    int8 Linear layers with bf16 activations: inference only, ~4x less weight memory traffic).
+
+    A Hugging Face folder (config.json with model_type) is read in memory through
+    `lmforge.models.convert.load_hf(path, device, dtype) -> (model, tokenizer)`.
+    """
+    path = Path(path)
+    try:
+        from lmforge.models import convert
+    except ImportError:
+        convert = None
+    if convert is not None and convert.is_hf_dir(path):
+        load_hf = getattr(convert, "load_hf", None)
+        if load_hf is None:
+            raise CheckpointError(f"{path} is a Hugging Face folder; import it first with "
+                                  f"`lmforge convert --from hf {path} OUT_DIR` and load OUT_DIR")
+        model, tok = load_hf(path, device=device, dtype=_dtype(dtype))
+        return _finish(model, dtype), tok
+    model = _finish(load_model(path, device=device, dtype=_dtype(dtype)), dtype)
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path / 'tokenizer.json'} is missing; copy the tokenizer used for training "
+                              "into the run dir")
+    tok = Tokenizer.load(path / "tokenizer.json")
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
+                              f"{model.cfg.vocab_size}; the tokenizer.json does not belong to this model")
+    return model, tok
+
+
+def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str | list[str], **kw) -> str | list[str]:
+    """Continue `prompt` (or each of a list of prompts, batched); return only the new text.
+
+    kw: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
+    stop (strings: the output is cut before the first one and decoding of that row ends), seed.
+    """
+    if getattr(model.cfg, "family", "gpt") != "gpt":
+        raise ConfigError(f"generate needs a gpt model, got family {model.cfg.family!r}")
+    gc = from_dict(GenerateConfig, kw, prefix="generate.")
+    texts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids = [tokenizer.encode(t) or ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) for t in texts]
+    streams = [TextStream(tokenizer, gc.stop) for _ in texts]
+    opts = {k: v for k, v in dataclasses.asdict(gc).items() if k != "stop"}
+    current = [0]  # generate() calls on_token(i, t) and then stop(row i's ids) for the same row
+
+    def on_token(i: int, t: int) -> None:
+        current[0] = i
+        streams[i].push(t)
+
+    generate_ids(
+        model, ids, **opts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
+        stop=(lambda _row: streams[current[0]].stopped) if gc.stop else None, on_token=on_token,
+    )
+    outs = [s.finish() for s in streams]
+    return outs[0] if isinstance(prompt, str) else outs

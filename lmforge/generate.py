@@ -1,0 +1,285 @@
+"""Autoregressive generation with a KV cache: token ids in, token ids out; plus `lmforge generate`.
+
+`generate(model, prompts, ...)` decodes a batch of prompts together. Prompts of different lengths
+are LEFT-padded; an attention mask hides the padding and position ids restart at 0 at each prompt's
+first real token, so every row decodes exactly as it would alone. The prompt is run once (prefill)
+into a preallocated KVCache; every later step feeds one token per row and projects only the last
+position to logits.
+
+Sampling, per step, in the order HF applies it: repetition penalty (CTRL: positive logits of seen
+tokens divided by the penalty, negative ones multiplied) -> temperature (0 = greedy argmax) ->
+top-k -> top-p (smallest set of tokens whose probability reaches p) -> multinomial draw.
+
+    >>> generate(model, [[1, 2, 3], [4]], max_new_tokens=5, temperature=0)
+    [[7, 7, 9, 2, 5], [3, 3, 1, 8, 8]]        # new tokens only; eos ends a row and is not included
+
+    $ lmforge generate runs/small "Once upon a time" --max-new-tokens 100 --temperature 0.8 --top-k 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# logits processing (pure functions on (B, V) fp32 logits)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019) / HF: for tokens already seen, logit / penalty if > 0 else logit * penalty.
+
+    >>> apply_repetition_penalty(torch.tensor([[2.0, -2.0, 1.0]]), torch.tensor([[1, 1, 0]]).bool(), 2.0)
+    tensor([[ 1., -4.,  1.]])
+    """
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept), set the rest to -inf."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2019): keep the most likely tokens until their mass reaches p.
+
+    A token is dropped when the tokens ranked above it already hold >= p of the probability.
+    probs [0.5, 0.3, 0.15, 0.05], p=0.7 -> keep the first two (0.5 < 0.7, 0.8 >= 0.7 stops after).
+    """
+    sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # (B, V) probability of the tokens ranked above
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # always keep the best token
+    drop = drop_sorted.scatter(-1, idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). temperature 0 means greedy."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoding loop
+
+
+def _check(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
+    if temperature < 0:
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"top_k must be >= 0 (0 or None = off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    seed: int | None = None,
+    stop: Callable[[list[int]], bool] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Continue each prompt; return the new token ids of each row (prompt not included).
+
+    A row ends at eos_id (not included in its output), when stop(row_new_ids) returns True (the
+    token that triggered it is included), after max_new_tokens, or when the context is full.
+    on_token(row, token_id) is called for every token as it is produced (streaming), just before
+    stop(row's new ids) is asked about the same row.
+    """
+    _check(temperature, top_k, top_p, repetition_penalty)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token")
+    ctx = model.cfg.max_seq_len
+    lens = [len(p) for p in prompts]
+    B, L = len(prompts), max(lens)
+    if L > ctx:
+        raise ConfigError(f"prompt has {L} tokens but the model's context is {ctx} tokens "
+                          f"(model.max_seq_len); shorten the prompt")
+    n_new = min(max_new_tokens, ctx - L)  # stop when the context is full
+    if n_new <= 0:
+        return [[] for _ in prompts]
+    device = next(model.parameters()).device
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p):] = torch.tensor(p, dtype=torch.long)
+    ids = ids.to(device)
+    padded = min(lens) != L
+    mask = pos = next_pos = None
+    if padded:  # (B, L + n_new): 0 over each row's left padding, 1 over its prompt and new tokens
+        mask = torch.ones(B, L + n_new, dtype=torch.long, device=device)
+        for i, n in enumerate(lens):
+            mask[i, : L - n] = 0
+        pos = (mask[:, :L].cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        next_pos = torch.tensor(lens, device=device)[:, None]  # (B, 1)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.cfg.vocab_size, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.tensor(p, device=device)] = True
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    cache = model.make_cache(B, L + n_new)
+
+    logits = model(ids, attention_mask=None if mask is None else mask[:, :L], position_ids=pos,
+                   cache=cache, last_only=True)[:, -1]  # (B, V)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(n_new):
+        logits = logits.float()
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (B,)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if t == eos_id:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if on_token is not None:
+                on_token(i, t)
+            if stop is not None and stop(out[i]):
+                done[i] = True
+        if all(done) or step == n_new - 1:
+            break
+        if seen is not None:
+            seen[torch.arange(B, device=device), nxt] = True
+        kw = {}
+        if padded:
+            kw = dict(attention_mask=mask[:, : L + step + 1], position_ids=next_pos + step)
+        logits = model(nxt[:, None], cache=cache, last_only=True, **kw)[:, -1]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# text streaming with stop strings (used by the CLI and the API)
+
+
+class TextStream:
+    """Decode a growing list of token ids to text incrementally and cut at stop strings.
+
+    Text is emitted only when it is final: never half of a multi-byte UTF-8 character (a decode
+    ending in U+FFFD waits for the next token), never a tail that could still become a stop string.
+
+        >>> s = TextStream(tok, stop=["\\n\\n"], write=print)
+        >>> for t in ids: s.push(t)        # prints pieces as they become final
+        >>> s.finish(); s.text            # the whole output, cut before the first stop string
+    """
+
+    def __init__(self, tokenizer, stop: list[str] | None = None, write: Callable[[str], None] | None = None):
+        self.tok = tokenizer
+        self.stops = [s for s in (stop or []) if s]
+        self.write = write
+        self.ids: list[int] = []
+        self.text = ""  # final text so far
+        self.emitted = 0
+        self.stopped = False
+
+    def push(self, token_id: int) -> None:
+        if self.stopped:
+            return
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._emit(text[:cut], upto=cut)
+            return
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its other bytes
+            return
+        hold = max((n for s in self.stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+        self._emit(text, upto=len(text) - hold)
+
+    def finish(self) -> str:
+        if not self.stopped:
+            text = self.tok.decode(self.ids)
+            self._emit(text, upto=len(text))
+        return self.text
+
+    def _emit(self, text: str, upto: int) -> None:
+        self.text = text[:upto]
+        if upto > self.emitted and self.write is not None:
+            self.write(text[self.emitted:upto])
+        self.emitted = max(self.emitted, upto)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run dir (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("prompt", help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop at any of these strings")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", choices=("bf16", "fp32", "int8"), default="fp32",
+                        help="weights: fp32, bf16, or int8 (weight-only, bf16 activations; fastest on CPU)")
+    parser.add_argument("--device", default="auto")
+    parser.set_defaults(func=_cmd_generate)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from lmforge.api import load
+    from lmforge.runtime import pick_device
+
+    model, tok = load(args.run_dir, device=pick_device(args.device), dtype=args.dtype)
+    if model.cfg.family != "gpt":
+        raise ConfigError(f"{args.run_dir} holds a {model.cfg.family} model; generate needs a gpt run dir "
+                          "(use fill-mask or embed for encoders)")
+    ids = tok.encode(args.prompt)
+    if not ids and tok.bos_id is not None:  # an empty prompt: start from bos
+        ids = [tok.bos_id]
+    if len(ids) > model.cfg.max_seq_len:
+        raise ConfigError(f"the prompt is {len(ids)} tokens but the model's context is "
+                          f"{model.cfg.max_seq_len}; shorten the prompt")
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    stream = TextStream(tok, args.stop, write)
+    generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+             eos_id=tok.eos_id, pad_id=tok.pad_id or 0, seed=args.seed,
+             stop=lambda _row: stream.stopped, on_token=lambda _i, t: stream.push(t))
+    stream.finish()
+    write("\n")
+    return 0

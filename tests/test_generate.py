@@ -1,0 +1,236 @@
+"""Generation: sampling vs HF processors + hand examples, cache == recompute, padded == alone, CLI."""
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import ConfigError
+from lmforge.generate import (
+    TextStream,
+    apply_repetition_penalty,
+    generate,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+)
+from lmforge.models.gpt import GPT
+
+GPT2 = dict(vocab_size=97, max_seq_len=48, n_layer=2, n_head=4, d_model=32)
+LLAMA = dict(GPT2, n_kv_head=2, d_ff=48, pos="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+             tie_embeddings=False)
+
+
+class FixedLogits(torch.nn.Module):
+    """A mock model: the same next-token logits at every step, whatever the input."""
+
+    def __init__(self, logits: list[float], max_seq_len: int = 64):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=len(logits), max_seq_len=max_seq_len, n_layer=1, n_head=1,
+                               d_model=4)
+        self.logits = torch.nn.Parameter(torch.tensor(logits), requires_grad=False)
+        self.calls = []
+
+    def make_cache(self, batch_size, max_len):
+        return None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False):
+        self.calls.append(input_ids.shape)
+        B, T = input_ids.shape
+        return self.logits.expand(B, 1 if last_only else T, -1)
+
+
+def test_greedy_is_argmax_and_max_tokens():
+    m = FixedLogits([0.1, 3.0, 0.2, 2.9])
+    out = generate(m, [[0, 2], [3]], max_new_tokens=5, temperature=0)
+    assert out == [[1] * 5, [1] * 5]
+    assert m.calls[0] == (2, 2) and all(c == (2, 1) for c in m.calls[1:]) and len(m.calls) == 5
+
+
+def test_seed_reproducible_and_uniform():
+    m = FixedLogits([0.0] * 50)
+    a = generate(m, [[1]], max_new_tokens=30, seed=123)
+    assert a == generate(m, [[1]], max_new_tokens=30, seed=123)
+    assert a != generate(m, [[1]], max_new_tokens=30, seed=124)
+    many = generate(m, [[1]] * 40, max_new_tokens=25, seed=0)
+    counts = torch.bincount(torch.tensor(many).flatten(), minlength=50)
+    assert (counts > 0).sum() >= 45  # 1000 draws from uniform(50) cover (almost) all tokens
+
+
+def test_top_k_top_p_hand_examples():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    assert torch.isinf(top_k_filter(logits, 2)).tolist() == [[True, False, False, True]]
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    lg = probs.log()
+    keep = lambda p: (~torch.isinf(top_p_filter(lg, p))).int().tolist()[0]  # noqa: E731
+    assert keep(0.5) == [1, 0, 0, 0]  # 0.5 already reaches 0.5
+    assert keep(0.7) == [1, 1, 0, 0]
+    assert keep(0.81) == [1, 1, 1, 0]
+    assert keep(1.0) == [1, 1, 1, 1]
+    # only allowed tokens are ever drawn
+    m = FixedLogits([0.0, 1.0, 2.0, 3.0, 4.0])
+    out = generate(m, [[0]] * 20, max_new_tokens=10, top_k=2, seed=0)
+    assert {t for row in out for t in row} == {3, 4}
+
+
+def test_processors_match_transformers():
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+    torch.manual_seed(0)
+    logits = torch.randn(3, 40) * 3
+    ids = torch.randint(0, 40, (3, 7))
+    seen = torch.zeros(3, 40, dtype=torch.bool).scatter(1, ids, True)
+    ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    torch.testing.assert_close(apply_repetition_penalty(logits, seen, 1.3), ref)
+    for k in (1, 5, 40):
+        ref = TopKLogitsWarper(k)(ids, logits.clone())
+        assert torch.equal(torch.isinf(top_k_filter(logits, k)), torch.isinf(ref))
+    for p in (0.1, 0.5, 0.9, 0.99):
+        ref = TopPLogitsWarper(p)(ids, logits.clone())
+        assert torch.equal(torch.isinf(top_p_filter(logits, p)), torch.isinf(ref))
+
+
+def test_repetition_penalty_hand_example():
+    out = apply_repetition_penalty(torch.tensor([[2.0, -2.0, 1.0]]), torch.tensor([[True, True, False]]), 2.0)
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+    # greedy with a strong penalty cannot repeat the favourite token forever
+    m = FixedLogits([1.0, 1.5, 0.9])
+    assert generate(m, [[2]], max_new_tokens=3, temperature=0, repetition_penalty=2.0) == [[1, 0, 1]]
+
+
+def test_temperature_sharpens():
+    m = FixedLogits([0.0, 1.0])
+    cold = sum(sum(r) for r in generate(m, [[0]] * 50, max_new_tokens=10, temperature=0.1, seed=0))
+    hot = sum(sum(r) for r in generate(m, [[0]] * 50, max_new_tokens=10, temperature=10.0, seed=0))
+    assert cold > 495 and 200 < hot < 320  # p(1) = 1/(1+e^-10) vs 1/(1+e^-0.1) = 0.525
+
+
+def test_eos_stop_and_streaming():
+    m = FixedLogits([0.0, 5.0, 0.0])
+    assert generate(m, [[0]], max_new_tokens=5, temperature=0, eos_id=1) == [[]]
+    seen, m.calls = [], []
+    out = generate(m, [[0], [2, 2]], max_new_tokens=6, temperature=0, stop=lambda ids: len(ids) >= 3,
+                   on_token=lambda i, t: seen.append((i, t)))
+    assert out == [[1, 1, 1], [1, 1, 1]] and seen == [(0, 1), (1, 1)] * 3
+    assert len(m.calls) == 3  # stopped early for every row: no wasted steps
+
+
+def test_context_limits():
+    m = FixedLogits([0.0, 1.0], max_seq_len=8)
+    assert len(generate(m, [[0] * 5], max_new_tokens=10, temperature=0)[0]) == 3
+    with pytest.raises(ConfigError, match="prompt has 9 tokens but the model's context is 8"):
+        generate(m, [[0] * 9], max_new_tokens=1)
+    with pytest.raises(ConfigError, match="temperature"):
+        generate(m, [[0]], temperature=-1)
+
+
+def _model(flavour):
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**flavour)).eval()
+
+
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_cached_equals_full_recompute(flavour):
+    m = _model(flavour)
+    prompt = [5, 17, 3, 88, 41]
+    out = generate(m, [prompt], max_new_tokens=20, temperature=0)[0]
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[len(prompt):]
+    # sampled, same seed: the cached logits feed the same draws
+    a = generate(m, [prompt], max_new_tokens=10, seed=7, top_p=0.9)[0]
+    seq, g = list(prompt), torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = m(torch.tensor([seq]))[:, -1].float()
+            seq.append(int(sample_next(logits, 1.0, None, 0.9, g)[0]))
+    assert a == seq[len(prompt):]
+
+
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_left_padded_batch_equals_each_alone(flavour):
+    m = _model(flavour)
+    prompts = [[5, 17, 3, 88, 41, 9, 2], [60], [11, 12, 13]]
+    batch = generate(m, prompts, max_new_tokens=15, temperature=0, pad_id=0, repetition_penalty=1.2)
+    alone = [generate(m, [p], max_new_tokens=15, temperature=0, repetition_penalty=1.2)[0] for p in prompts]
+    assert batch == alone
+
+
+class _CharTok:
+    """A byte-level stand-in tokenizer: one id per UTF-8 byte (decode like byte-level BPE)."""
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_stream_utf8_and_stop_strings():
+    text = "héllo 🙂 wörld"
+    pieces = []
+    s = TextStream(_CharTok(), write=pieces.append)
+    for b in text.encode("utf-8"):
+        s.push(b)
+    assert s.finish() == text and "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    pieces = []
+    s = TextStream(_CharTok(), stop=["END", "\n\n"], write=pieces.append)
+    for b in b"ab EN cd\n\nignored":
+        s.push(b)
+    assert s.stopped and s.finish() == "ab EN cd" and "".join(pieces) == "ab EN cd"
+
+
+def _run_dir(tmp_path, family_cfg=GPT2, vocab=300):
+    from lmforge.models.store import save_model
+    from lmforge.tokenizer import train
+    tok = train("bpe", ["the cat sat on the mat. héllo wörld 🙂"] * 30, vocab_size=vocab)
+    run = tmp_path / "run"
+    save_model(_model(family_cfg), run)
+    tok.save(run)
+    return run, tok
+
+
+def test_cli_and_api(tmp_path, capsys):
+    from lmforge import api
+    from lmforge.cli import main
+    run, tok = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    assert main(["generate", str(run), "the cat", "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    cli_text = capsys.readouterr().out
+    model, tok2 = api.load(run)
+    text = api.generate(model, tok2, "the cat", max_new_tokens=6, temperature=0)
+    assert cli_text == text + "\n"
+    ids = generate(model, [tok.encode("the cat")], max_new_tokens=6, temperature=0, eos_id=tok.eos_id)[0]
+    assert text == tok.decode(ids)
+    both = api.generate(model, tok2, ["the cat", "a"], max_new_tokens=4, temperature=0, stop=[text[2:4]])
+    assert both[0] == text[:2]
+    with pytest.raises(ConfigError, match="unknown config key 'generate.top_q'"):
+        api.generate(model, tok2, "x", top_q=0.5)
+    # errors: prompt longer than the context; tokenizer bigger than the model's vocab
+    assert main(["generate", str(run), "the cat " * 40, "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "the prompt is" in err and "context is 48" in err
+    # int8 weights: same API, and on this tiny model the greedy text agrees with fp32
+    model8, _ = api.load(run, dtype="int8")
+    assert type(model8.head).__name__ == "Int8Linear" and model8.tok_emb.weight.dtype == torch.bfloat16
+    ids8 = generate(model8, [tok.encode("the cat")], max_new_tokens=6, temperature=0, eos_id=tok.eos_id)[0]
+    assert ids8[:2] == ids[:2]
+
+
+def test_cli_errors(tmp_path, capsys):
+    from lmforge.cli import main
+    run, _ = _run_dir(tmp_path, GPT2, vocab=300)  # model vocab 97 < tokenizer 300
+    assert main(["generate", str(run), "the cat"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "vocab_size is 97" in err and err.count("\n") == 1
+    import importlib.util
+    if importlib.util.find_spec("lmforge.models.bert") is None:
+        return
+    from lmforge.models.store import build_model, save_model
+    bert = tmp_path / "bert"
+    save_model(build_model(ModelConfig(family="bert", vocab_size=300, max_seq_len=16, n_layer=1, n_head=2,
+                                       d_model=16)), bert)
+    (bert / "tokenizer.json").write_bytes((run / "tokenizer.json").read_bytes())
+    assert main(["generate", str(bert), "the cat"]) == 2
+    assert "holds a bert model" in capsys.readouterr().err

@@ -1,0 +1,180 @@
+"""GPT invariants (cache == recompute, padding, causality), store round-trip + errors, presets, info."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.config import CONFIG_DIR, ModelConfig, load_config
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.models.gpt import GPT
+from lmforge.models.store import load_model, save_model
+
+GPT2 = dict(vocab_size=97, max_seq_len=32, n_layer=2, n_head=4, d_model=32)
+LLAMA = dict(GPT2, n_kv_head=2, d_ff=48, pos="rope", norm="rmsnorm", norm_eps=1e-6, mlp="swiglu",
+             bias=False, tie_embeddings=False)
+
+
+def _model(flavour: dict, **kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**{**flavour, **kw})).eval()
+
+
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_kv_cache_equals_full_recompute(flavour):
+    m = _model(flavour)
+    x = torch.randint(0, 97, (2, 12))
+    full = m(x)
+    cache = m.make_cache(2)
+    parts = [m(x[:, :5], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(5, 9)]
+    parts.append(m(x[:, 9:], cache=cache))  # a multi-token chunk after a cached prefix
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+    last = m(x, last_only=True)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_left_padding_matches_unpadded(flavour, impl):
+    m = _model(flavour, attn_impl=impl)
+    x = torch.randint(1, 97, (1, 6))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x], 1)
+    am = torch.tensor([[0, 0, 0] + [1] * 6])
+    pos = (am.cumsum(-1) - 1).clamp(min=0)
+    out = m(padded, attention_mask=am, position_ids=pos)
+    torch.testing.assert_close(out[:, 3:], m(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_causal(flavour):
+    """Changing a future token never changes earlier logits."""
+    m = _model(flavour)
+    x = torch.randint(0, 97, (1, 10))
+    y = x.clone()
+    y[0, 7] = (y[0, 7] + 1) % 97
+    a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :7], b[:, :7])
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_tied_and_untied_and_init():
+    m = _model(GPT2)
+    assert m.head.weight is m.tok_emb.weight
+    assert m.num_params() == sum(p.numel() for p in m.parameters())
+    n_res = m.blocks[0].attn.o.weight.std().item()
+    assert n_res == pytest.approx(0.02 / 2, rel=0.2)  # 0.02 / sqrt(2 * n_layer)
+    u = _model(LLAMA)
+    assert u.head.weight is not u.tok_emb.weight
+    assert u.blocks[0].attn.qkv.bias is None and u.blocks[0].mlp.fc.bias is None
+
+
+def test_too_long_is_a_clear_error():
+    m = _model(GPT2)
+    with pytest.raises(ConfigError, match="33 tokens.*max_seq_len=32"):
+        m(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_gradient_checkpointing_same_grads():
+    m = _model(LLAMA)
+    m.train()
+    x = torch.randint(0, 97, (2, 8))
+    m(x).sum().backward()
+    g1 = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m.gradient_checkpointing = True
+    m(x).sum().backward()
+    for a, p in zip(g1, m.parameters()):
+        torch.testing.assert_close(a, p.grad)
+
+
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_store_round_trip(tmp_path, flavour):
+    m = _model(flavour)
+    save_model(m, tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["n_layer"] == 2 and cfg["family"] == "gpt"
+    m2 = load_model(tmp_path / "run")
+    x = torch.randint(0, 97, (1, 7))
+    torch.testing.assert_close(m2(x), m(x))
+    assert (m2.head.weight is m2.tok_emb.weight) == m.cfg.tie_embeddings
+    assert load_model(tmp_path / "run", dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16
+
+
+def _saved(tmp_path: Path) -> Path:
+    save_model(_model(GPT2), tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _rewrite_tensors(run: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+    t = load_file(run / "model.safetensors")
+    fn(t)
+    save_file(t, run / "model.safetensors")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("no_dir", "not a directory"),
+    ("no_config", "config.json is missing"),
+    ("no_weights", "model.safetensors is missing"),
+    ("unknown_key", "unknown config key 'model.n_layers'"),
+    ("corrupt", "not a readable safetensors"),
+    ("missing", "lacks tensor 'ln_f.bias'"),
+    ("unexpected", "unexpected tensor 'extra.weight'"),
+    ("shape", "tensor 'pos_emb.weight' has shape"),
+])
+def test_store_errors(tmp_path, case, match):
+    run = _saved(tmp_path)
+    if case == "no_dir":
+        run = tmp_path / "nope"
+    elif case == "no_config":
+        (run / "config.json").unlink()
+    elif case == "no_weights":
+        (run / "model.safetensors").unlink()
+    elif case == "unknown_key":
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["n_layers"] = 3
+        (run / "config.json").write_text(json.dumps(cfg))
+    elif case == "corrupt":
+        data = (run / "model.safetensors").read_bytes()
+        (run / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "missing":
+        _rewrite_tensors(run, lambda t: t.pop("ln_f.bias"))
+    elif case == "unexpected":
+        _rewrite_tensors(run, lambda t: t.__setitem__("extra.weight", torch.zeros(2)))
+    elif case == "shape":
+        _rewrite_tensors(run, lambda t: t.__setitem__("pos_emb.weight", torch.zeros(16, 32)))
+    with pytest.raises(CheckpointError, match=match):
+        load_model(run)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_preset_loads_and_builds(path):
+    import importlib.util
+
+    from lmforge.models.store import FAMILIES, build_model
+    cfg = load_config(str(path))
+    if importlib.util.find_spec(FAMILIES[cfg.model.family].split(":")[0]) is None:
+        pytest.skip(f"family {cfg.model.family} has no model module yet")
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        m = build_model(cfg.model)
+    assert sum(p.numel() for p in m.parameters()) > 0
+
+
+def test_info_gpt2_124m():
+    from lmforge.models.info import model_info
+    info = model_info(load_config("gpt2-124m"))
+    assert info["params"] == 124_439_808  # HF GPT2LMHeadModel unique params (tied head)
+    assert info["params_non_embedding"] == 85_056_000
+    n, L, T, d = 85_056_000, 12, 1024, 768
+    assert info["flops_per_token"] == 6 * n + 12 * L * T * d
+    assert info["memory"]["fp32"]["weights"] == 124_439_808 * 4
+    assert info["memory"]["fp32"]["adamw"] == 2 * 124_439_808 * 4
+
+
+def test_info_cli(capsys):
+    from lmforge.cli import main
+    assert main(["model", "info", "gpt2-124m", "--model.n_layer=2"]) == 0
+    out = capsys.readouterr().out
+    assert "6N + 12" in out and "non-embedding" in out
+    assert main(["model", "info", "no-such-preset"]) == 2
