@@ -1,0 +1,475 @@
+"""Hugging Face import / export: the only place Hugging Face parameter names appear.
+
+    $ lmforge convert --from-hf HF_DIR OUT_RUN_DIR   # HF folder -> run dir (config.json, weights, tokenizer)
+    $ lmforge convert --to-hf RUN_DIR OUT_HF_DIR     # run dir -> folder transformers' from_pretrained loads
+
+Supported architectures (HF `architectures[0]`, else `model_type`):
+    GPT2LMHeadModel                          -> gpt, GPT-2 flavour (Conv1D weights are transposed)
+    LlamaForCausalLM                         -> gpt, Llama flavour (GQA, tied or untied head)
+    BertModel | BertForMaskedLM | BertForPreTraining -> bert (with or without the `bert.` prefix;
+                                                a head-less checkpoint imports as a backbone)
+Weights are read from model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin
+(also sharded) through `torch.load(weights_only=True)`, never unsafe unpickling. Every HF tensor must
+map onto ours with the right shape: missing, unexpected and mis-shaped tensors are CheckpointErrors
+naming the tensor. Outputs appear atomically (io.atomic_dir): complete or not at all.
+
+Config translation (config.json <-> ModelConfig) lives in convert_config.py, tokenizers in
+convert_tokenizer.py; HF parameter names appear here only.
+
+The mapping is a table of rules `ours <- hf names, how`: "=" copy, "T" transpose (GPT-2's Conv1D
+stores (in, out)), "cat" concatenate rows (Llama / BERT q, k, v -> our fused qkv; gate, up -> fc).
+Each rule runs both ways, so import and export cannot drift apart. HF's Llama q / k rows are already
+in rotate-half order, which is the convention of our RoPE (layers.py); no permutation is needed.
+
+    >>> model, tok = load_hf("hf/all-MiniLM-L6-v2")            # in memory, no run dir written
+    >>> import_hf("hf/llama", "runs/llama"); export_hf("runs/llama", "hf/llama-again")
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import CheckpointError
+from lmforge.io import atomic_dir, atomic_write_json
+from lmforge.models import convert_tokenizer
+from lmforge.models.convert_config import (
+    ARCHITECTURES,
+    BERT_HEADS,
+    DEFAULT_ARCH,
+    config_from_hf,
+    config_to_hf,
+    default_arch,
+    flavour_of,
+    hf_architecture,
+    is_hf_dir,
+    read_hf_config,
+    read_json,
+    supported,
+)
+
+__all__ = ["ARCHITECTURES", "DEFAULT_ARCH", "config_from_hf", "config_to_hf", "default_arch", "export_hf",
+           "from_hf_state_dict", "import_hf", "is_hf_dir", "load_hf", "read_hf_config", "read_hf_weights",
+           "supported", "to_hf_state_dict"]
+
+# buffers some checkpoints carry that hold no learned weights (causal masks, RoPE tables, position ids)
+IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq|embeddings\.position_ids)$")
+
+
+class Rule(NamedTuple):
+    """ours <- hf: how = "=" (copy) | "T" (transpose) | "cat" (rows of the hf tensors, in order)."""
+
+    ours: str
+    hf: tuple[str, ...]
+    how: str = "="
+
+
+# ---------------------------------------------------------------------------------------------
+# reading weights
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); re-download it") from None
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors, which lmforge will not unpickle; convert it to "
+            "safetensors with a tool you trust"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch weights file ({e}); re-download") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} is not a state dict (name -> tensor); give the model's weights file")
+    return sd
+
+
+def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF folder: model.safetensors, sharded safetensors, pytorch_model.bin (+ shards)."""
+    hf_dir = Path(hf_dir)
+    for name, loader in (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin)):
+        if (hf_dir / name).is_file():
+            return loader(hf_dir / name)
+        index = hf_dir / f"{name}.index.json"
+        if index.is_file():
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index} has no weight_map; re-download the checkpoint")
+            out: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (hf_dir / shard).is_file():
+                    raise CheckpointError(f"{index} names shard {shard} but it is missing; re-download it")
+                out.update(loader(hf_dir / shard))
+            return out
+    raise CheckpointError(
+        f"{hf_dir} has no weights; expected model.safetensors, model.safetensors.index.json or "
+        "pytorch_model.bin"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter names: one rule table per flavour, run forwards (import) and backwards (export)
+
+
+GPT2_BLOCK = (  # HF module, ours, how its weight maps (Conv1D stores (in, out): transpose)
+    ("ln_1", "ln1", "="), ("attn.c_attn", "attn.qkv", "T"), ("attn.c_proj", "attn.o", "T"),
+    ("ln_2", "ln2", "="), ("mlp.c_fc", "mlp.fc", "T"), ("mlp.c_proj", "mlp.proj", "T"),
+)
+
+
+def _gpt2_rules(cfg: ModelConfig) -> list[Rule]:
+    # canonical HF names without the optional "transformer." prefix (see _canonical)
+    rules = [Rule("tok_emb.weight", ("wte.weight",)), Rule("pos_emb.weight", ("wpe.weight",))]
+    for i in range(cfg.n_layer):
+        h, o = f"h.{i}.", f"blocks.{i}."
+        for hf, ours, how in GPT2_BLOCK:
+            rules.append(Rule(o + ours + ".weight", (h + hf + ".weight",), how))
+            rules.append(Rule(o + ours + ".bias", (h + hf + ".bias",)))
+    rules += [Rule("ln_f.weight", ("ln_f.weight",)), Rule("ln_f.bias", ("ln_f.bias",))]
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", ("lm_head.weight",)))
+    return rules
+
+
+def _llama_rules(cfg: ModelConfig) -> list[Rule]:
+    rules = [Rule("tok_emb.weight", ("model.embed_tokens.weight",))]
+    for i in range(cfg.n_layer):
+        h, o = f"model.layers.{i}.", f"blocks.{i}."
+        a, m = h + "self_attn.", h + "mlp."
+        rules += [
+            Rule(o + "ln1.weight", (h + "input_layernorm.weight",)),
+            Rule(o + "attn.qkv.weight", tuple(a + x + "_proj.weight" for x in "qkv"), "cat"),
+            Rule(o + "attn.o.weight", (a + "o_proj.weight",)),
+            Rule(o + "ln2.weight", (h + "post_attention_layernorm.weight",)),
+            Rule(o + "mlp.fc.weight", (m + "gate_proj.weight", m + "up_proj.weight"), "cat"),
+            Rule(o + "mlp.proj.weight", (m + "down_proj.weight",)),
+        ]
+    rules.append(Rule("ln_f.weight", ("model.norm.weight",)))
+    if not cfg.tie_embeddings:
+        rules.append(Rule("head.weight", ("lm_head.weight",)))
+    return rules
+
+
+def _bert_rules(cfg: ModelConfig) -> list[Rule]:
+    # canonical HF names without the optional "bert." prefix; heads under "cls." as HF writes them
+    e = "embeddings."
+    rules = [Rule("tok_emb.weight", (e + "word_embeddings.weight",)),
+             Rule("pos_emb.weight", (e + "position_embeddings.weight",)),
+             Rule("type_emb.weight", (e + "token_type_embeddings.weight",)),
+             Rule("emb_ln.weight", (e + "LayerNorm.weight",)), Rule("emb_ln.bias", (e + "LayerNorm.bias",))]
+    for i in range(cfg.n_layer):
+        h, o = f"encoder.layer.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            a = h + "attention.self."
+            rules += [
+                Rule(o + "attn.qkv." + p, (a + "query." + p, a + "key." + p, a + "value." + p), "cat"),
+                Rule(o + "attn.o." + p, (h + "attention.output.dense." + p,)),
+                Rule(o + "ln1." + p, (h + "attention.output.LayerNorm." + p,)),
+                Rule(o + "mlp.fc." + p, (h + "intermediate.dense." + p,)),
+                Rule(o + "mlp.proj." + p, (h + "output.dense." + p,)),
+                Rule(o + "ln2." + p, (h + "output.LayerNorm." + p,)),
+            ]
+    if cfg.heads != "mlm":
+        rules += [Rule("pooler." + p, ("pooler.dense." + p,)) for p in ("weight", "bias")]
+    if cfg.heads != "none":
+        c = "cls.predictions."
+        rules += [Rule("mlm.dense." + p, (c + "transform.dense." + p,)) for p in ("weight", "bias")]
+        rules += [Rule("mlm.ln." + p, (c + "transform.LayerNorm." + p,)) for p in ("weight", "bias")]
+        rules.append(Rule("mlm.bias", (c + "bias",)))
+        if not cfg.tie_embeddings:
+            rules.append(Rule("mlm.decoder.weight", (c + "decoder.weight",)))
+    if cfg.heads == "mlm,nsp":
+        rules += [Rule("nsp." + p, ("cls.seq_relationship." + p,)) for p in ("weight", "bias")]
+    return rules
+
+
+def _rules(cfg: ModelConfig, flavour: str) -> list[Rule]:
+    return {"gpt2": _gpt2_rules, "llama": _llama_rules, "bert": _bert_rules}[flavour](cfg)
+
+
+def _split_sizes(cfg: ModelConfig, rule: Rule) -> list[int]:
+    """Row counts of each HF tensor in a "cat" rule: q, k, v (GQA-aware) or gate, up."""
+    if rule.ours.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+        return [cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim]
+    return [cfg.ff_dim] * len(rule.hf)
+
+
+def _canonical(hf_sd: dict[str, torch.Tensor], flavour: str) -> dict[str, torch.Tensor]:
+    """Drop buffers, strip the optional `transformer.` / `bert.` prefix, rename old LayerNorm gamma/beta."""
+    out = {}
+    for k, v in hf_sd.items():
+        if IGNORED.search(k):
+            continue
+        if flavour == "gpt2":
+            k = k.removeprefix("transformer.")
+        elif flavour == "bert":
+            k = k.removeprefix("bert.")
+            k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)  # TF-era names
+            k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
+        out[k] = v
+    return out
+
+
+def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: str,
+                       expected: dict[str, torch.Size] | None = None) -> dict[str, torch.Tensor]:
+    """HF tensors -> our state dict (unique names only; tied weights once).
+
+    arch: the HF class ('LlamaForCausalLM', ...) or flavour ('gpt2' | 'llama' | 'bert'); cfg from
+    config_from_hf (for BERT, cfg.heads must match the heads the tensors carry). `expected` (our name ->
+    shape, default: from a model built on the meta device) is checked so that a shape error names the
+    HF tensor. Missing and unexpected HF tensors raise CheckpointError.
+
+        >>> ours = from_hf_state_dict(hf_model.state_dict(), config_from_hf(hf_config_dict), "gpt2")
+    """
+    flavour = ARCHITECTURES.get(arch, arch)
+    sd = _drop_redundant(_canonical(hf_sd, flavour), cfg)
+    rules = _rules(cfg, flavour)
+    wanted = {name for r in rules for name in r.hf}
+    missing = [n for r in rules for n in r.hf if n not in sd]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensor {missing[0]!r} ({len(missing)} missing); "
+                              "it does not match its config.json")
+    unexpected = sorted(k for k in sd if k not in wanted)
+    if unexpected:
+        raise CheckpointError(f"checkpoint has unexpected tensor {unexpected[0]!r} ({len(unexpected)} more); "
+                              "the weights do not match config.json")
+    expected = expected if expected is not None else _our_shapes(cfg)
+    out = {}
+    for r in rules:
+        parts = [sd[n] for n in r.hf]
+        if r.ours not in expected:
+            raise CheckpointError(f"internal: no parameter {r.ours!r} in our model for {r.hf[0]!r}")
+        want = _hf_shapes(r, expected[r.ours], cfg)
+        for name, t, shape in zip(r.hf, parts, want):
+            if tuple(t.shape) != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
+                                      f"{tuple(shape)}; the weights do not match config.json")
+        if r.how == "T":
+            out[r.ours] = parts[0].t().contiguous()
+        elif r.how == "cat":
+            out[r.ours] = torch.cat(parts, dim=0)
+        else:
+            out[r.ours] = parts[0]
+    return out
+
+
+def _hf_shapes(rule: Rule, ours: torch.Size, cfg: ModelConfig) -> list[tuple[int, ...]]:
+    if rule.how == "T":
+        return [tuple(reversed(ours))]
+    if rule.how == "cat":
+        return [(n, *ours[1:]) for n in _split_sizes(cfg, rule)]
+    return [tuple(ours)]
+
+
+def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: str | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Our state dict -> HF tensor names of `arch` (default: the natural class for this config)."""
+    flavour = flavour_of(cfg)
+    arch = arch or default_arch(cfg)
+    if ARCHITECTURES.get(arch) != flavour or (flavour == "bert" and BERT_HEADS[arch] != cfg.heads):
+        raise CheckpointError(f"this model cannot be written as {arch}; it is a {default_arch(cfg)}")
+    out: dict[str, torch.Tensor] = {}
+    for r in _rules(cfg, flavour):
+        if r.ours not in sd:
+            raise CheckpointError(f"model weights lack tensor {r.ours!r}; they do not match config.json")
+        t = sd[r.ours]
+        if r.how == "T":
+            parts = [t.t()]
+        elif r.how == "cat":
+            parts = list(t.split(_split_sizes(cfg, r), dim=0))
+        else:
+            parts = [t]
+        for name, p in zip(r.hf, parts):
+            out[name] = p.contiguous()
+    return _hf_prefix(out, arch)
+
+
+def _hf_prefix(sd: dict[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    if arch == "GPT2LMHeadModel":
+        return {(k if k.startswith("lm_head.") else "transformer." + k): v for k, v in sd.items()}
+    if arch in ("BertForPreTraining", "BertForMaskedLM"):
+        return {(k if k.startswith("cls.") else "bert." + k): v for k, v in sd.items()}
+    return sd
+
+
+def _bert_heads(sd: dict[str, torch.Tensor]) -> str:
+    """Which heads a (canonical) BERT checkpoint carries, read from its tensors, not its config:
+    bert-base-uncased says BertForMaskedLM yet ships the NSP head and pooler too."""
+    if any(k.startswith("cls.seq_relationship.") for k in sd):
+        return "mlm,nsp"
+    return "mlm" if any(k.startswith("cls.") for k in sd) else "none"
+
+
+def _drop_redundant(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Remove copies HF may store of tied tensors: the LM head / MLM decoder when tied to the embedding,
+    and cls.predictions.decoder.bias (the same tensor as cls.predictions.bias)."""
+    sd = dict(sd)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        sd.pop("cls.predictions.decoder.weight", None)
+    if "cls.predictions.decoder.bias" in sd:
+        bias = sd.pop("cls.predictions.decoder.bias")
+        sd.setdefault("cls.predictions.bias", bias)
+    return sd
+
+
+def _our_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    """Our parameter shapes for `cfg`, from a model built on the meta device (no memory, no init cost)."""
+    from lmforge.models.store import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg)
+    # named_parameters() lists a tied tensor once, under its first name (as store.unique_state_dict);
+    # storage pointers cannot tell meta tensors apart, so the store's helper is not used here
+    unique = dict(model.named_parameters())
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return {k: v.shape for k, v in model.state_dict().items() if k in unique or k not in every}
+
+
+# ---------------------------------------------------------------------------------------------
+# folders: import, export, load
+
+
+def _read_hf(hf_dir: str | Path):
+    """HF folder -> (our ModelConfig, our state dict, tokenizers.Tokenizer | None, HF class name)."""
+    from dataclasses import replace
+
+    hf = read_hf_config(hf_dir)
+    arch = hf_architecture(hf)
+    flavour = ARCHITECTURES[arch]
+    cfg = config_from_hf(hf)
+    weights = read_hf_weights(hf_dir)
+    if flavour == "bert":
+        cfg = replace(cfg, heads=_bert_heads(_canonical(weights, flavour)))
+    sd = from_hf_state_dict(weights, cfg, flavour)
+    tok = convert_tokenizer.tokenizer_from_hf(hf_dir)
+    if tok is not None and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
+        n = tok.get_vocab_size(with_added_tokens=True)
+        raise CheckpointError(f"{hf_dir}: the tokenizer has {n} ids but the model's vocab_size is "
+                              f"{cfg.vocab_size}; the tokenizer belongs to another model")
+    return cfg, sd, tok, arch
+
+
+def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """An HF folder as (our model in eval mode, lmforge Tokenizer or None), without writing anything."""
+    from lmforge.models.store import build_model
+    from lmforge.tokenizer import Tokenizer
+
+    cfg, sd, tok, _ = _read_hf(hf_dir)
+    model = build_model(cfg)
+    model.load_state_dict(sd, strict=False)  # tied copies are absent; from_hf_state_dict checked the rest
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.eval(), (Tokenizer(tok) if tok is not None else None)
+
+
+def _check_out(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass --force")
+
+
+def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> ModelConfig:
+    """HF folder -> our run dir: config.json (our ModelConfig), model.safetensors, tokenizer.json."""
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    _check_out(out_dir, force)
+    cfg, sd, tok, arch = _read_hf(hf_dir)
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, tmp / "model.safetensors",
+                  metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", asdict(cfg))
+        if tok is not None:
+            tok.save(str(tmp / "tokenizer.json"))
+        atomic_write_json(tmp / "source.json",
+                          {"converted_from": str(Path(hf_dir).resolve()), "architecture": arch})
+    return cfg
+
+
+def _read_run(run_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A run dir's config and weights, checked against each other with errors naming our tensor."""
+    from lmforge.models.store import WEIGHTS_FILE, load_config_json
+
+    cfg = load_config_json(run_dir)
+    if not (run_dir / WEIGHTS_FILE).is_file():
+        raise CheckpointError(f"{run_dir / WEIGHTS_FILE} is missing; a run dir needs config.json + weights")
+    sd = _load_safetensors(run_dir / WEIGHTS_FILE)
+    expected = _our_shapes(cfg)
+    for name, shape in expected.items():
+        if name not in sd:
+            raise CheckpointError(f"{run_dir / WEIGHTS_FILE} lacks tensor {name!r}; it does not match "
+                                  "config.json")
+        if tuple(sd[name].shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(sd[name].shape)} but config.json "
+                                  f"implies {tuple(shape)}; the weights do not match config.json")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise CheckpointError(f"{run_dir / WEIGHTS_FILE} has unexpected tensor {extra[0]!r}; "
+                              "it does not match config.json")
+    return cfg, sd
+
+
+def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> str:
+    """Our run dir -> a folder `transformers` loads with plain from_pretrained. Returns the HF class:
+    GPT2LMHeadModel, LlamaForCausalLM, or for BERT the class matching model.heads (mlm,nsp ->
+    BertForPreTraining, mlm -> BertForMaskedLM, none -> BertModel)."""
+    from safetensors.torch import save_file
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    _check_out(out_dir, force)
+    cfg, sd = _read_run(run_dir)
+    arch = default_arch(cfg)
+    hf_sd = to_hf_state_dict(sd, cfg, arch)
+    dtype = next(iter(sd.values())).dtype
+    hf_cfg = config_to_hf(cfg, arch, dtype)
+    with atomic_dir(out_dir) as tmp:
+        if (run_dir / "tokenizer.json").is_file():
+            tok = convert_tokenizer.tokenizer_from_hf(run_dir)
+            hf_cfg.update(convert_tokenizer.write_hf_tokenizer(tok, tmp, cfg.max_seq_len))
+        if ARCHITECTURES[arch] != "bert":
+            gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}
+            atomic_write_json(tmp / "generation_config.json", gen)
+        save_file(hf_sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", hf_cfg)
+    return arch
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    """`lmforge convert --from-hf HF_DIR OUT_RUN_DIR` | `lmforge convert --to-hf RUN_DIR OUT_HF_DIR`."""
+    way = parser.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="import a Hugging Face model folder into a run dir")
+    way.add_argument("--to-hf", metavar="RUN_DIR", help="export a run dir to a Hugging Face model folder")
+    parser.add_argument("out", metavar="OUT_DIR", help="folder to write (appears only when complete)")
+    parser.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_hf:
+        cfg = import_hf(args.from_hf, args.out, force=args.force)
+        print(f"imported {args.from_hf} -> {args.out} (family {cfg.family}, {cfg.n_layer} layers, "
+              f"d_model {cfg.d_model}, vocab {cfg.vocab_size})")
+    else:
+        arch = export_hf(args.to_hf, args.out, force=args.force)
+        print(f"exported {args.to_hf} -> {args.out} ({arch}; load with transformers' from_pretrained)")
+    return 0

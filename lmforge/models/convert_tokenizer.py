@@ -1,0 +1,120 @@
+"""Tokenizers across the Hugging Face boundary: the tokenizer half of `lmforge convert`.
+
+Import: an HF folder's `tokenizer.json` is taken as is. Older folders carry only the slow-tokenizer
+files; those are rebuilt with the `tokenizers` library into the same pipeline HF's fast converter
+builds:
+    vocab.txt               -> WordPiece + BERT normalizer / pre-tokenizer / [CLS] A [SEP] post-processor
+                               (lowercasing from tokenizer_config.json `do_lower_case`, default True)
+    vocab.json + merges.txt -> byte-level BPE (GPT-2)
+A tokenizer.json's built-in padding / truncation settings are dropped: lmforge pads its own batches.
+Export: `tokenizer.json` is copied and a `tokenizer_config.json` naming the special tokens is written,
+so `transformers.AutoTokenizer.from_pretrained(dir)` loads it.
+
+    >>> tok = tokenizer_from_hf("bert-dir")        # a tokenizers.Tokenizer, or None when the folder has none
+    >>> tok.encode("Hello world").tokens
+    ['[CLS]', 'hello', 'world', '[SEP]']
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from lmforge.errors import CheckpointError
+from lmforge.models.convert_config import read_json
+
+
+def wordpiece_from_vocab(
+    vocab_file: Path, lowercase: bool = True, strip_accents: bool | None = None, chinese_chars: bool = True
+) -> Tokenizer:
+    """A BERT WordPiece tokenizer from a `vocab.txt` (one token a line, id = line number).
+
+    >>> wordpiece_from_vocab(Path("vocab.txt")).encode("Hi there", "you").type_ids
+    [0, 0, 0, 0, 1, 1]
+    """
+    vocab: dict[str, int] = {}
+    for line in vocab_file.read_text(encoding="utf-8").splitlines():
+        token = line.rstrip("\n")
+        if token and token not in vocab:
+            vocab[token] = len(vocab)
+    for needed in ("[UNK]", "[CLS]", "[SEP]"):
+        if needed not in vocab:
+            raise CheckpointError(
+                f"{vocab_file} has no {needed} token; a BERT vocab.txt needs [UNK] [CLS] [SEP]"
+            )
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=chinese_chars, strip_accents=strip_accents, lowercase=lowercase
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    specials = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t in vocab]
+    tok.add_special_tokens(specials)  # already in the vocab: only marks them unsplittable
+    return tok
+
+
+def bytelevel_bpe_from_files(vocab_file: Path, merges_file: Path) -> Tokenizer:
+    """GPT-2's byte-level BPE from `vocab.json` + `merges.txt` (no prefix space, no post-processing)."""
+    tok = Tokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if tok.token_to_id("<|endoftext|>") is not None:
+        tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def tokenizer_from_hf(hf_dir: str | Path) -> Tokenizer | None:
+    """The tokenizer an HF folder ships, as a `tokenizers.Tokenizer`; None when it ships none."""
+    hf_dir = Path(hf_dir)
+    if (hf_dir / "tokenizer.json").exists():
+        try:
+            tok = Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+        except Exception as e:  # the Rust side raises plain Exception subclasses
+            raise CheckpointError(
+                f"{hf_dir / 'tokenizer.json'} cannot be read ({e}); fix or remove it"
+            ) from None
+        # some files bake in padding / truncation (all-MiniLM: pad every text to 128); lmforge pads its
+        # own batches and must never cut a document silently, so the tokenizer returns raw ids only
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
+    tcfg = read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").exists() else {}
+    if (hf_dir / "vocab.txt").exists():
+        return wordpiece_from_vocab(
+            hf_dir / "vocab.txt",
+            lowercase=bool(tcfg.get("do_lower_case", True)),
+            strip_accents=tcfg.get("strip_accents"),
+            chinese_chars=bool(tcfg.get("tokenize_chinese_chars", True)),
+        )
+    if (hf_dir / "vocab.json").exists() and (hf_dir / "merges.txt").exists():
+        return bytelevel_bpe_from_files(hf_dir / "vocab.json", hf_dir / "merges.txt")
+    return None
+
+
+def write_hf_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int) -> dict[str, int]:
+    """Write tokenizer.json + tokenizer_config.json into `out_dir`; return {'eos_token_id': 2, ...}.
+
+    The special tokens are the roles lmforge's Tokenizer recognises (eos, bos, pad, unk, cls, sep, mask).
+    """
+    from lmforge.tokenizer import Tokenizer as Ours
+
+    ours = Ours(tok)
+    tok.save(str(out_dir / "tokenizer.json"))
+    ids = {role: getattr(ours, f"{role}_id") for role in ("bos", "eos", "unk", "pad", "cls", "sep", "mask")}
+    ids = {role: i for role, i in ids.items() if i is not None}
+    tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
+    tcfg.update({f"{role}_token": ours.id_to_token(i) for role, i in ids.items()})
+    if "cls" in ids:  # BERT: generate() must not treat [CLS] / [SEP] as bos / eos
+        tcfg.pop("bos_token", None)
+        tcfg.pop("eos_token", None)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n", encoding="utf-8")
+    return {f"{role}_token_id": i for role, i in ids.items() if role in ("bos", "eos", "pad")}

@@ -1,0 +1,446 @@
+"""Masked LM (BERT / RoBERTa style) and MLM + next-sentence prediction (original BERT).
+
+Masking (Devlin et al. 2018, section 3.1), `mask_tokens`:
+    each non-special token is *selected* with probability `mlm_prob` (15%); of the selected,
+    80% become [MASK], 10% a random non-special token, 10% stay unchanged. [CLS] [SEP] [PAD]
+    (every special id of the tokenizer except [UNK]) are never selected. Labels are -100
+    everywhere except the selected positions, which hold the original id. A row with no
+    selection gets its lowest-scoring eligible word selected, so every example has >= 1 target.
+    Whole-word masking: WordPiece continuation pieces (`##xx`) share the fate (selected or not)
+    of the word they continue; the 80/10/10 choice stays per token, as in Google's reference.
+
+Examples:
+    mlm       [CLS] + (seq_len - 2) tokens of the packed token stream + [SEP]; documents inside a
+              window stay separated by the shards' [SEP] (RoBERTa "full sentences" packing).
+    mlm,nsp   [CLS] A [SEP] B [SEP] built per document (`nsp_pairs`): a document is cut into
+              segments at sentence-ending tokens (". ! ?"; over-long sentences into fixed chunks
+              of (max_len - 3) // 2 tokens); consecutive segments are gathered into a chunk of up
+              to max_len - 3 tokens and split at a random segment boundary into A and B. With
+              probability 1/2 B is replaced by segments from a random *other* document (label 1,
+              HF's convention; 0 = B really follows A). The pair is truncated longest-first from
+              the end to fit; segment ids are 0 for [CLS] A [SEP], 1 for B [SEP]; batches are
+              padded with [PAD] to the longest example and carry an attention mask.
+
+Loss (`loss`): sum of MLM cross-entropy over selected tokens (+ sum of NSP cross-entropy over
+pairs), and n_targets = number of selected tokens (+ number of pairs): every target counts
+once, so the Trainer's sum / n over an accumulation cycle equals the big-batch loss exactly.
+
+Streams are deterministic for (seed, rank, world_size) and resumable: their state is a few
+integers, and each batch's masking uses a generator seeded from (seed, rank, batch index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.errors import ConfigError, DataError
+from lmforge.objectives.base import IGNORE_INDEX, Objective
+
+IGNORE = IGNORE_INDEX
+SENTENCE_END = (".", "!", "?")
+
+
+# ---------------------------------------------------------------------------------------------
+# masking
+
+
+def mask_tokens(
+    ids: torch.Tensor,
+    *,
+    mask_id: int,
+    special_ids: torch.Tensor,
+    random_ids: torch.Tensor,
+    mlm_prob: float = 0.15,
+    generator: torch.Generator | None = None,
+    continuation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking of a batch. Returns (masked input ids, labels), both (B, T) int64.
+
+    ids: (B, T) token ids; special_ids: 1-D ids never selected; random_ids: 1-D ids a "random
+    token" is drawn from; continuation: optional (V,) bool table, True for `##` pieces (turns on
+    whole-word masking). Random draws, in order: scores (B, T), 80/10/10 dice (B, T), random
+    token indices (B, T), all from `generator`.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x, y = mask_tokens(torch.tensor([[2, 10, 11, 12, 3]]), mask_id=4,
+    ...                    special_ids=torch.tensor([0, 2, 3, 4]), random_ids=torch.arange(5, 20),
+    ...                    mlm_prob=0.5, generator=g)
+    >>> x.tolist(), y.tolist()
+    ([[2, 10, 11, 4, 3]], [[-100, -100, 11, 12, -100]])
+    """
+    B, T = ids.shape
+    special = torch.isin(ids, special_ids)  # (B, T)
+    score = torch.rand(B, T, generator=generator)
+    if continuation is not None:
+        # every piece takes the score of its word's first piece: index of the latest word start
+        starts = ~continuation[ids] | special  # (B, T)
+        pos = torch.arange(T).expand(B, T)
+        first = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+        score = score.gather(1, first)
+    score = score.masked_fill(special, 2.0)  # never selected
+    selected = score < mlm_prob
+    # at least one target per row that has any eligible token: its lowest-scoring word
+    lowest = score == score.min(dim=1, keepdim=True).values
+    selected |= lowest & ~selected.any(dim=1, keepdim=True) & ~special
+    dice = torch.rand(B, T, generator=generator)
+    rand_tok = random_ids[torch.randint(len(random_ids), (B, T), generator=generator)]
+    out = ids.clone()
+    out[selected & (dice < 0.8)] = mask_id
+    use_rand = selected & (dice >= 0.8) & (dice < 0.9)
+    out[use_rand] = rand_tok[use_rand]
+    labels = torch.where(selected, ids, torch.full_like(ids, IGNORE))
+    return out, labels
+
+
+def special_id_tensor(tokenizer) -> torch.Tensor:
+    """All special ids of a Tokenizer except [UNK] (which BERT masks like any word)."""
+    names = ("pad_id", "cls_id", "sep_id", "mask_id", "bos_id", "eos_id")
+    ids = {getattr(tokenizer, n, None) for n in names} - {None}
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def continuation_table(tokenizer) -> torch.Tensor:
+    """(V,) bool, True for WordPiece continuation pieces (`##ing`), for whole-word masking."""
+    table = torch.zeros(tokenizer.vocab_size, dtype=torch.bool)
+    for tok, i in tokenizer.inner.get_vocab().items():
+        if tok.startswith("##") and i < len(table):
+            table[i] = True
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# next-sentence-prediction pairs
+
+
+def split_segments(tokens: list[int], enders: set[int], max_piece: int) -> list[list[int]]:
+    """Cut a document into sentences after each ender id; long sentences into max_piece chunks.
+
+    >>> split_segments([5, 6, 1, 7, 1, 8, 9, 9, 9], {1}, 3)
+    [[5, 6, 1], [7, 1], [8, 9, 9], [9]]
+    """
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for t in tokens:
+        cur.append(t)
+        if t in enders:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return [s[i : i + max_piece] for s in out for i in range(0, len(s), max_piece)]
+
+
+def truncate_pair(a: list[int], b: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
+    """Drop tokens from the end of the longer segment until len(a) + len(b) <= max_tokens (BERT)."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > max_tokens:
+        (a if len(a) > len(b) else b).pop()
+    return a, b
+
+
+def nsp_pairs(
+    doc_index: int,
+    segments: list[list[int]],
+    random_segments,
+    rng: np.random.Generator,
+    max_len: int,
+) -> list[tuple[list[int], list[int], int]]:
+    """Pairs (A, B, label) from one document's segments; label 0 = B follows A, 1 = B is random.
+
+    random_segments(exclude) -> segments of a random document other than `exclude`.
+    As BERT's create_pretraining_data: chunks of consecutive segments up to max_len - 3 tokens
+    are split at a random boundary; a random B's unused segments go back to the document.
+    """
+    target = max_len - 3  # [CLS] A [SEP] B [SEP]
+    out = []
+    chunk: list[list[int]] = []
+    i = 0
+    while i < len(segments):
+        chunk.append(segments[i])
+        last = i == len(segments) - 1
+        if last or sum(map(len, chunk)) >= target:
+            a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+            a = [t for s in chunk[:a_end] for t in s]
+            if len(chunk) == 1 or rng.random() < 0.5:
+                label = 1
+                other = random_segments(doc_index)
+                start = int(rng.integers(len(other)))
+                b: list[int] = []
+                for s in other[start:]:
+                    b += s
+                    if len(b) >= target - len(a):
+                        break
+                i -= len(chunk) - a_end  # the segments B did not use go back (BERT)
+            else:
+                label = 0
+                b = [t for s in chunk[a_end:] for t in s]
+            a, b = truncate_pair(a, b, target)
+            if a and b:
+                out.append((a, b, label))
+            chunk = []
+        i += 1
+    return out
+
+
+def encode_pair(a: list[int], b: list[int], cls_id: int, sep_id: int) -> tuple[list[int], list[int]]:
+    """[CLS] A [SEP] B [SEP] and its segment ids.
+
+    >>> encode_pair([7, 8], [9], cls_id=2, sep_id=3)
+    ([2, 7, 8, 3, 9, 3], [0, 0, 0, 0, 1, 1])
+    """
+    ids = [cls_id, *a, sep_id, *b, sep_id]
+    return ids, [0] * (len(a) + 2) + [1] * (len(b) + 1)
+
+
+def pad_batch(seqs: list[list[int]], types: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest: input_ids, token_type_ids, attention_mask, all (B, T) int64."""
+    T = max(map(len, seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    tt = torch.zeros((len(seqs), T), dtype=torch.long)
+    am = torch.zeros((len(seqs), T), dtype=torch.long)
+    for r, (s, t) in enumerate(zip(seqs, types)):
+        ids[r, : len(s)] = torch.tensor(s)
+        tt[r, : len(t)] = torch.tensor(t)
+        am[r, : len(s)] = 1
+    return {"input_ids": ids, "token_type_ids": tt, "attention_mask": am}
+
+
+# ---------------------------------------------------------------------------------------------
+# streams
+
+
+def _seed(*parts: int) -> int:
+    """A 63-bit generator seed from integers (seed, rank, batch index, ...), stable across runs."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _split_code(split: str) -> int:
+    return sum(ord(c) * 31**i for i, c in enumerate(split)) % 2**31
+
+
+class Masker:
+    """mask_tokens with a tokenizer's ids bound; batch i of a stream uses _seed(seed, rank, split, i)."""
+
+    def __init__(self, tokenizer, mlm_prob: float, whole_word: bool):
+        if tokenizer is None or tokenizer.mask_id is None:
+            raise DataError("masked LM needs a tokenizer with [MASK]; train one with "
+                            "`lmforge tokenizer train --type wordpiece`")
+        self.mask_id = tokenizer.mask_id
+        self.special = special_id_tensor(tokenizer)
+        vocab = torch.arange(tokenizer.vocab_size)
+        self.random_ids = vocab[~torch.isin(vocab, self.special)]
+        self.continuation = continuation_table(tokenizer) if whole_word else None
+        self.mlm_prob = mlm_prob
+
+    def __call__(self, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return mask_tokens(ids, mask_id=self.mask_id, special_ids=self.special, random_ids=self.random_ids,
+                           mlm_prob=self.mlm_prob, generator=g, continuation=self.continuation)
+
+
+class MLMStream:
+    """TokenWindows (B, L-2) -> [CLS] window [SEP], masked: {input_ids, labels} (B, L)."""
+
+    def __init__(self, windows, masker: Masker, cls_id: int, sep_id: int, seed: int, rank: int, split: str):
+        self.windows, self.masker = windows, masker
+        self.cls_id, self.sep_id = cls_id, sep_id
+        self.key = (seed, rank, _split_code(split))
+        self.batches = 0
+
+    def __iter__(self) -> MLMStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        w = next(self.windows)  # (B, L-2)
+        B = w.shape[0]
+        ids = torch.cat([torch.full((B, 1), self.cls_id), w.long(), torch.full((B, 1), self.sep_id)], 1)
+        x, y = self.masker(ids, _seed(*self.key, self.batches))
+        self.batches += 1
+        return {"input_ids": x, "labels": y}
+
+    def state_dict(self) -> dict:
+        return {"windows": self.windows.state_dict(), "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.windows.load_state_dict(state["windows"])
+        self.batches = int(state["batches"])
+
+
+class SplitDocuments:
+    """The documents of one split of a shard folder: len(), segments(i) -> that document's sentences."""
+
+    def __init__(self, shard_dir: str | Path, split: str, enders: set[int], max_piece: int):
+        from lmforge.data.loader import TokenStream
+
+        self.stream = TokenStream(shard_dir, split)
+        docs = Path(shard_dir) / split / "docs.npy"
+        if not docs.is_file():
+            raise DataError(f"{docs} is missing; NSP needs document boundaries: re-run `lmforge prepare`")
+        self.starts = np.load(docs).astype(np.int64)  # (n_docs,) start offsets in the split stream
+        self.ends = np.append(self.starts[1:], len(self.stream))
+        self.separator = self.stream.meta.get("separator_id")
+        self.enders, self.max_piece = enders, max_piece
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def tokens(self, i: int) -> list[int]:
+        """Document i without its trailing separator."""
+        out = self.stream[int(self.starts[i]) : int(self.ends[i])].tolist()
+        if out and out[-1] == self.separator:
+            out.pop()
+        return out
+
+    def segments(self, i: int) -> list[list[int]]:
+        return split_segments(self.tokens(i), self.enders, self.max_piece)
+
+
+class NSPStream:
+    """Documents -> NSP pairs -> padded, masked batches {input_ids, token_type_ids, attention_mask,
+    labels, next_sentence_label}. Position = (epoch, cursor into this rank's documents, pairs of the
+    current document already used, batches), so resume regenerates the current document exactly."""
+
+    def __init__(self, docs: SplitDocuments, masker: Masker, tokenizer, max_len: int, batch_size: int,
+                 seed: int, rank: int, world_size: int, shuffle: bool, split: str):
+        if len(docs) < 2:
+            raise DataError(f"next-sentence prediction needs >= 2 documents in the {split!r} split, "
+                            f"found {len(docs)}; use objective mlm or more documents")
+        self.docs, self.masker, self.max_len, self.batch_size = docs, masker, max_len, batch_size
+        self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.code = _split_code(split)
+        self.epoch = self.cursor = self.offset = self.batches = 0
+        self._pairs: list | None = None  # pairs of the document at `cursor`
+
+    def _order(self) -> np.ndarray:
+        n = len(self.docs)
+        if not self.shuffle:
+            return np.arange(n)[self.rank :: self.world_size]
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(n)
+        return order[self.rank :: self.world_size]
+
+    def _doc_pairs(self, doc: int) -> list:
+        rng = np.random.default_rng([self.seed, self.code, self.epoch, doc])
+
+        def random_segments(exclude: int) -> list[list[int]]:
+            j = int(rng.integers(len(self.docs) - 1))
+            return self.docs.segments(j + (j >= exclude)) or [[self.sep_id]]
+
+        return nsp_pairs(doc, self.docs.segments(doc), random_segments, rng, self.max_len)
+
+    def _next_pair(self) -> tuple[list[int], list[int], int]:
+        empty_docs = 0
+        while True:
+            order = self._order()
+            if self.cursor >= len(order):
+                self.epoch, self.cursor, self.offset, self._pairs = self.epoch + 1, 0, 0, None
+                continue
+            if self._pairs is None:
+                self._pairs = self._doc_pairs(int(order[self.cursor]))
+            if self.offset < len(self._pairs):
+                self.offset += 1
+                return self._pairs[self.offset - 1]
+            empty_docs = empty_docs + 1 if not self._pairs else 0
+            if empty_docs > len(self.docs):
+                raise DataError("no document is long enough to make a sentence pair; use objective mlm")
+            self.cursor, self.offset, self._pairs = self.cursor + 1, 0, None
+
+    def __iter__(self) -> NSPStream:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        seqs, types, nsp = [], [], []
+        for _ in range(self.batch_size):
+            a, b, label = self._next_pair()
+            ids, tt = encode_pair(a, b, self.cls_id, self.sep_id)
+            seqs.append(ids)
+            types.append(tt)
+            nsp.append(label)
+        batch = pad_batch(seqs, types, self.pad_id)
+        batch["input_ids"], batch["labels"] = self.masker(
+            batch["input_ids"], _seed(self.seed, self.rank, self.code, self.batches))
+        batch["next_sentence_label"] = torch.tensor(nsp)
+        self.batches += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self.offset, self.batches = int(state["offset"]), int(state["batches"])
+        self._pairs = None
+
+
+# ---------------------------------------------------------------------------------------------
+# objectives
+
+
+class MaskedLM(Objective):
+    """objective mlm: BERT masking over packed windows; scores the selected tokens only."""
+
+    name = "mlm"
+    heads = "mlm"
+
+    def build_model(self) -> nn.Module:
+        """A BERT with exactly this objective's heads (mlm: no pooler / NSP, so no unused parameters)."""
+        from lmforge.models.store import build_model
+
+        if self.cfg.model.family != "bert":
+            raise ConfigError(f"objective {self.name} trains an encoder; set model.family=bert "
+                              "(e.g. --config bert-small)")
+        return build_model(dataclasses.replace(self.cfg.model, heads=self.heads))
+
+    def masker(self) -> Masker:
+        return Masker(self.tokenizer, self.cfg.train.mlm_prob, self.cfg.train.whole_word_mask)
+
+    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        from lmforge.data.loader import TokenWindows
+
+        if self.seq_len < 4:
+            raise ConfigError(f"data.seq_len={self.seq_len} is too short for [CLS] ... [SEP]; use >= 4")
+        windows = TokenWindows(self.cfg.data.shards, split, self.seq_len - 3, batch_size, seed,
+                               rank=rank, world_size=world_size, shuffle=split == "train")
+        tok = self.tokenizer
+        return MLMStream(windows, self.masker(), tok.cls_id, tok.sep_id, seed, rank, split)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        labels = batch["labels"]  # (B, T)
+        pos = labels != IGNORE_INDEX
+        out = model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                    attention_mask=batch.get("attention_mask"), mlm_positions=pos)
+        loss = F.cross_entropy(out.mlm_logits.float(), labels[pos], reduction="sum")  # (N, V) vs (N,)
+        if "next_sentence_label" in batch:
+            nsp = batch["next_sentence_label"]  # (B,)
+            loss = loss + F.cross_entropy(out.nsp_logits.float(), nsp, reduction="sum")
+            return loss, pos.sum() + nsp.numel()
+        return loss, pos.sum()
+
+    def n_tokens(self, batch: dict[str, Tensor]) -> int:
+        am = batch.get("attention_mask")
+        return batch["input_ids"].numel() if am is None else int(am.sum())
+
+
+class MaskedLMWithNSP(MaskedLM):
+    """objective mlm,nsp: [CLS] A [SEP] B [SEP] pairs from documents; MLM + next-sentence prediction."""
+
+    name = "mlm,nsp"
+    heads = "mlm,nsp"
+
+    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        tok = self.tokenizer
+        if self.seq_len < 8:
+            raise ConfigError(f"data.seq_len={self.seq_len} is too short for sentence pairs; use >= 8")
+        enders = {i for i in (tok.token_to_id(t) for t in SENTENCE_END) if i is not None}
+        docs = SplitDocuments(self.cfg.data.shards, split, enders, max_piece=(self.seq_len - 3) // 2)
+        return NSPStream(docs, self.masker(), tok, self.seq_len, batch_size, seed, rank, world_size,
+                         shuffle=split == "train", split=split)
+
+    def count_targets(self, batch: dict[str, Tensor]) -> int:
+        return int((batch["labels"] != IGNORE_INDEX).sum()) + batch["next_sentence_label"].numel()

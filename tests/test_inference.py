@@ -1,0 +1,129 @@
+"""fill-mask and embed equal Hugging Face (fill-mask pipeline, mean/CLS pooling) and work from the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_bert import hf_config, hf_to_ours
+
+from lmforge.cli import main
+from lmforge.config import ModelConfig
+from lmforge.inference import embed, fill_mask, load_encoder
+from lmforge.models.bert import BertForPreTraining
+from lmforge.models.store import save_model
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["the cat sat on the mat.", "dogs were running around gardens!", "people talk about weather",
+         "a cat and a dog", "tomorrow the weather will be unbelievable, people said"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from lmforge.tokenizer import train
+
+    return train("wordpiece", TEXTS * 20, vocab_size=90, min_frequency=1)
+
+
+def make_pair(tok, heads: str, seed: int = 0):
+    """(ours, hf) with the same random weights; heads mlm -> BertForMaskedLM, none -> BertModel."""
+    cfg = ModelConfig(family="bert", vocab_size=tok.vocab_size, max_seq_len=24, n_layer=2, n_head=2,
+                      d_model=32, d_ff=64, norm_eps=1e-12, norm_position="post", mlp="gelu", heads=heads)
+    torch.manual_seed(seed)
+    hf_cls = transformers.BertForMaskedLM if heads == "mlm" else transformers.BertModel
+    hf = hf_cls(hf_config(cfg)).eval()
+    ours = BertForPreTraining(cfg).eval()
+    ours.load_state_dict(hf_to_ours(hf.state_dict()))
+    return ours, hf
+
+
+def hf_tokenizer(tok):
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok.inner, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+        sep_token="[SEP]", mask_token="[MASK]")
+
+
+def test_fill_mask_matches_hf_pipeline(tok):
+    ours, hf = make_pair(tok, "mlm")
+    text = "the [MASK] sat on the [MASK]."
+    pipe = transformers.pipeline("fill-mask", model=hf, tokenizer=hf_tokenizer(tok), device="cpu", top_k=4)
+    ref = pipe(text)  # a list per [MASK]
+    got = fill_mask(ours, tok, text, top_k=4)
+    assert len(got) == len(ref) == 2
+    for g, r in zip(got, ref):
+        assert [c["id"] for c in g] == [c["token"] for c in r]
+        np.testing.assert_allclose([c["prob"] for c in g], [c["score"] for c in r], rtol=1e-4, atol=1e-6)
+        assert abs(sum(c["prob"] for c in fill_mask(ours, tok, text, top_k=tok.vocab_size)[0]) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_embed_matches_hf_pooling(tok, pooling):
+    ours, hf = make_pair(tok, "none", seed=1)
+    enc = hf_tokenizer(tok)(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = hf(**enc).last_hidden_state  # (N, T, C)
+    m = enc["attention_mask"][..., None].float()
+    ref = (h * m).sum(1) / m.sum(1) if pooling == "mean" else h[:, 0]
+    got = embed(ours, tok, TEXTS, pooling=pooling, batch_size=2)  # batches of 2: padding differs per batch
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
+    normed = embed(ours, tok, TEXTS, pooling=pooling, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(normed, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(normed, ref.numpy() / np.linalg.norm(ref.numpy(), axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-5)
+    # the tokenizer's own outputs can be fed straight in, HF style
+    with torch.no_grad():
+        out = ours(**{k: v for k, v in enc.items()})
+    torch.testing.assert_close(out.pooler_output, hf(**enc).pooler_output, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def runs(tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    for heads in ("mlm", "none"):
+        model, _ = make_pair(tok, heads)
+        save_model(model, root / heads)
+        tok.save(root / heads)
+    return root
+
+
+def test_cli_fill_mask(runs, tok, capsys):
+    assert main(["fill-mask", str(runs / "mlm"), "the cat [MASK] on the mat.", "--top-k", "3", "--json"]) == 0
+    preds = json.loads(capsys.readouterr().out)
+    model, _ = load_encoder(runs / "mlm")
+    assert preds == json.loads(json.dumps(fill_mask(model, tok, "the cat [MASK] on the mat.", 3)))
+    assert main(["fill-mask", str(runs / "mlm"), "no mask here"]) == 2
+    assert "no [MASK]" in capsys.readouterr().err
+    assert main(["fill-mask", str(runs / "none"), "the [MASK]."]) == 2  # a backbone has no MLM head
+    assert "no MLM head" in capsys.readouterr().err
+
+
+def test_cli_embed_npy_and_jsonl(runs, tok, tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS[:3]) + "\n\n")
+    npy = tmp_path / "e.npy"
+    assert main(["embed", str(runs / "none"), "--input", str(src), "--output", str(npy), "--normalize"]) == 0
+    arr = np.load(npy)
+    model, _ = load_encoder(runs / "none")
+    np.testing.assert_allclose(arr, embed(model, tok, TEXTS[:3], normalize=True), rtol=1e-6)
+    jl = tmp_path / "in.jsonl"
+    jl.write_text("".join(json.dumps({"body": t}) + "\n" for t in TEXTS[:2]))
+    out = tmp_path / "e.jsonl"
+    assert main(["embed", str(runs / "mlm"), "--input", str(jl), "--text-field", "body", "--pooling", "cls",
+                 "--output", str(out)]) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["text"] for r in recs] == TEXTS[:2] and len(recs[0]["embedding"]) == 32
+    capsys.readouterr()
+    assert main(["embed", str(runs / "none"), "--input", str(tmp_path / "missing.txt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_gpt_run_is_refused(tok, tmp_path, capsys):
+    from lmforge.config import load_config
+    from lmforge.models.gpt import GPT
+
+    save_model(GPT(load_config("gpt-tiny").model), tmp_path / "gpt")
+    tok.save(tmp_path / "gpt")
+    (tmp_path / "in.txt").write_text("a cat\n")
+    assert main(["embed", str(tmp_path / "gpt"), "--input", str(tmp_path / "in.txt")]) == 2
+    assert "need an encoder" in capsys.readouterr().err

@@ -1,0 +1,283 @@
+"""MLM / NSP batches: pinned literal masks, 15% and 80/10/10 statistics, whole words, NSP pairs, resume."""
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.objectives.mlm import (
+    IGNORE,
+    encode_pair,
+    mask_tokens,
+    nsp_pairs,
+    pad_batch,
+    split_segments,
+    truncate_pair,
+)
+
+PAD, CLS, SEP, MASK = 0, 2, 3, 4
+SPECIAL = torch.tensor([PAD, CLS, SEP, MASK])
+RANDOM = torch.arange(5, 40)
+
+
+def test_mask_literal_example():
+    # fixed seed -> exact masks: row 0 keeps 11 (selected, unchanged), masks 12 13 14;
+    # row 1 masks 24 25 and replaces 26 by the random token 32. [CLS] [SEP] [PAD] never touched.
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16, 3, 0, 0], [2, 20, 21, 22, 3, 23, 24, 25, 26, 27, 3]])
+    g = torch.Generator().manual_seed(4)
+    x, y = mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, random_ids=RANDOM, mlm_prob=0.4, generator=g)
+    assert x.tolist() == [[2, 10, 11, 4, 4, 4, 15, 16, 3, 0, 0], [2, 20, 21, 22, 3, 23, 4, 4, 32, 27, 3]]
+    assert y.tolist() == [
+        [-100, -100, 11, 12, 13, 14, -100, -100, -100, -100, -100],
+        [-100, -100, -100, -100, -100, -100, 24, 25, 26, -100, -100],
+    ]
+
+
+def test_mask_statistics_15_percent_and_80_10_10():
+    g = torch.Generator().manual_seed(0)
+    V = 1000
+    ids = torch.randint(5, V, (400, 128), generator=g)
+    ids[:, 0], ids[:, -1], ids[:, 60] = CLS, SEP, SEP
+    ids[::3, 100:] = PAD
+    x, y = mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, random_ids=torch.arange(5, V),
+                       generator=g, mlm_prob=0.15)
+    special = torch.isin(ids, SPECIAL)
+    sel = y != IGNORE
+    assert not (sel & special).any() and (x[special] == ids[special]).all()
+    assert (y[sel] == ids[sel]).all() and (x[~sel] == ids[~sel]).all()
+    frac = sel.sum().item() / (~special).sum().item()
+    assert abs(frac - 0.15) < 0.005, frac
+    n = sel.sum().item()
+    masked = (x[sel] == MASK).sum().item() / n
+    replaced = (x[sel] != ids[sel]).sum().item() / n - masked
+    kept = (x[sel] == ids[sel]).sum().item() / n
+    assert abs(masked - 0.8) < 0.01 and abs(replaced - 0.1) < 0.01 and abs(kept - 0.1) < 0.01
+    assert not torch.isin(x[sel & (x != MASK)], SPECIAL).any()  # random tokens are never special
+
+
+def test_every_row_gets_a_target():
+    ids = torch.tensor([[CLS, 7, 8, SEP], [CLS, 9, SEP, PAD]])
+    for seed in range(20):
+        _, y = mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, random_ids=RANDOM, mlm_prob=0.01,
+                           generator=torch.Generator().manual_seed(seed))
+        assert ((y != IGNORE).sum(1) >= 1).all()
+
+
+def test_whole_word_masking_keeps_words_together():
+    # ids 30..39 are '##' continuation pieces; words are a start piece plus following '##' pieces
+    cont = torch.zeros(64, dtype=torch.bool)
+    cont[30:40] = True
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 40, (200, 64), generator=g)
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    x, y = mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, random_ids=RANDOM, mlm_prob=0.15,
+                       generator=g, continuation=cont)
+    sel = y != IGNORE
+    special = torch.isin(ids, SPECIAL)
+    piece = cont[ids] & ~special
+    piece[:, 1:] &= ~special[:, :-1]  # a '##' right after [CLS] starts its own word
+    # a continuation piece is selected iff the piece before it is (its word's earlier piece)
+    assert (sel[:, 1:][piece[:, 1:]] == sel[:, :-1][piece[:, 1:]]).all()
+    frac = sel.sum().item() / (~torch.isin(ids, SPECIAL)).sum().item()
+    assert 0.12 < frac < 0.18  # word-level 15% keeps the token rate near 15%
+    # without the table the same batch splits words
+    _, y2 = mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, random_ids=RANDOM, mlm_prob=0.15,
+                        generator=torch.Generator().manual_seed(1))
+    s2 = y2 != IGNORE
+    assert (s2[:, 1:][piece[:, 1:]] != s2[:, :-1][piece[:, 1:]]).any()
+
+
+def test_segments_truncation_and_encoding_literal():
+    assert split_segments([5, 6, 1, 7, 1, 8, 9, 9, 9], {1}, 3) == [[5, 6, 1], [7, 1], [8, 9, 9], [9]]
+    assert truncate_pair([1, 2, 3, 4, 5], [6, 7], 5) == ([1, 2, 3], [6, 7])
+    assert truncate_pair([1, 2], [6, 7, 8, 9], 4) == ([1, 2], [6, 7])
+    ids, types = encode_pair([7, 8], [9, 10, 11], cls_id=CLS, sep_id=SEP)
+    assert ids == [2, 7, 8, 3, 9, 10, 11, 3]
+    assert types == [0, 0, 0, 0, 1, 1, 1, 1]
+    b = pad_batch([ids, [2, 5, 3, 6, 3]], [types, [0, 0, 0, 1, 1]], pad_id=PAD)
+    assert b["input_ids"][1].tolist() == [2, 5, 3, 6, 3, 0, 0, 0]
+    assert b["token_type_ids"][1].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
+    assert b["attention_mask"].tolist() == [[1] * 8, [1, 1, 1, 1, 1, 0, 0, 0]]
+
+
+def _docs(n_docs=60, n_sent=8):
+    # document d owns token ids d*100 + 10 .. ; sentence end token 1
+    rng = np.random.default_rng(0)
+    docs = []
+    for d in range(n_docs):
+        sents = [[int(t) for t in d * 100 + 10 + rng.integers(0, 80, rng.integers(3, 9))] + [1]
+                 for _ in range(n_sent)]
+        docs.append(sents)
+    return docs
+
+
+def test_nsp_balance_other_document_and_max_length():
+    docs = _docs()
+    rng = np.random.default_rng(0)
+
+    def random_segments(exclude):
+        j = int(rng.integers(len(docs) - 1))
+        return docs[j + (j >= exclude)]
+
+    max_len = 24
+    pairs = [p for d, segs in enumerate(docs) for p in nsp_pairs(d, segs, random_segments, rng, max_len)]
+    labels = np.array([lab for _, _, lab in pairs])
+    assert len(pairs) > 150 and abs(labels.mean() - 0.5) < 0.07
+    again = [(d, p) for d, segs in enumerate(docs) for p in nsp_pairs(d, segs, random_segments, rng, max_len)]
+    for d, (a, b, lab) in again:
+        owner = lambda toks: {(t - 10) // 100 for t in toks if t != 1}
+        assert owner(a) == {d} and len(a) + len(b) + 3 <= max_len and a and b
+        if lab == 0:  # B is the true continuation: same document
+            assert owner(b) == {d}
+        else:  # B comes from exactly one other document
+            assert len(owner(b)) == 1 and d not in owner(b)
+
+
+def test_nsp_true_pair_is_contiguous():
+    segs = [[10, 11, 1], [12, 1], [13, 14, 1], [15, 1]]
+    rng = np.random.default_rng(3)
+    pairs = nsp_pairs(0, segs, lambda e: [[900, 901, 1]], rng, max_len=64)
+    for a, b, lab in pairs:
+        if lab == 0:
+            flat = [t for s in segs for t in s]
+            assert flat[flat.index(a[0]) : flat.index(a[0]) + len(a) + len(b)] == a + b
+        else:
+            assert b == [900, 901, 1]
+
+
+@pytest.mark.parametrize("mlm_prob", [0.15, 0.3])
+def test_mask_is_deterministic_for_a_seed(mlm_prob):
+    ids = torch.randint(5, 40, (4, 32), generator=torch.Generator().manual_seed(0))
+    run = lambda: mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, random_ids=RANDOM, mlm_prob=mlm_prob,
+                              generator=torch.Generator().manual_seed(7))
+    (x1, y1), (x2, y2) = run(), run()
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+# ---------------------------------------------------------------------------------------------
+# objectives on real shards: a WordPiece tokenizer trained on a synthetic corpus
+
+
+WORDS = ("the cat sat on a mat while dogs were running quickly around unbelievable gardens "
+         "and people kept talking about weather tomorrow").split()
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import train
+
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(40):
+        sents = [" ".join(rng.choice(WORDS, rng.integers(4, 10))).capitalize() + rng.choice([".", "!", "?"])
+                 for _ in range(rng.integers(3, 8))]
+        docs.append(" ".join(sents))
+    root = tmp_path_factory.mktemp("mlm")
+    tok = train("wordpiece", docs * 3, vocab_size=120, min_frequency=1)
+    tok.save(root / "tok")
+    prepare([], root / "tok", root / "shards", val_docs=6, progress=False, documents=docs)
+    return root
+
+
+def objective(root, name, **train):
+    from lmforge.config import load_config
+    from lmforge.objectives import make_objective
+    from lmforge.tokenizer import Tokenizer
+
+    over = {"data": {"shards": str(root / "shards"), "seq_len": 32}, "train": {"objective": name, **train}}
+    return make_objective(load_config("bert-tiny", over), Tokenizer.load(root / "tok"))
+
+
+def take(stream, n):
+    return [next(stream) for _ in range(n)]
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm,nsp"])
+def test_stream_is_deterministic_and_resumes_exactly(shards, name):
+    obj = objective(shards, name)
+    a = obj.stream("train", 4, seed=3)
+    take(a, 3)
+    state = a.state_dict()
+    expect = take(a, 4)
+    b = obj.stream("train", 4, seed=3)
+    b.load_state_dict(state)
+    for x, y in zip(take(b, 4), expect):
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    first = take(obj.stream("train", 4, seed=3), 1)[0]
+    other = take(obj.stream("train", 4, seed=4), 1)[0]
+    assert not torch.equal(first["labels"], other["labels"])
+
+
+def test_mlm_windows_are_cls_text_sep(shards):
+    obj = objective(shards, "mlm")
+    tok = obj.tokenizer
+    batch = next(obj.stream("train", 4, seed=0))
+    assert batch["input_ids"].shape == (4, 32)
+    assert (batch["input_ids"][:, 0] == tok.cls_id).all() and (batch["input_ids"][:, -1] == tok.sep_id).all()
+    assert (batch["labels"][:, [0, -1]] == IGNORE).all()
+
+
+def test_nsp_batch_layout(shards):
+    obj = objective(shards, "mlm,nsp")
+    tok = obj.tokenizer
+    batches = take(obj.stream("train", 8, seed=0), 30)
+    labels = torch.cat([b["next_sentence_label"] for b in batches]).float()
+    assert abs(labels.mean().item() - 0.5) < 0.15  # 240 pairs, ~50/50 (short docs force a few randoms)
+    for b in batches:
+        ids, tt, am = b["input_ids"], b["token_type_ids"], b["attention_mask"]
+        assert ids.shape[1] <= 32
+        for r in range(len(ids)):
+            n = int(am[r].sum())
+            row = torch.where(b["labels"][r] != IGNORE, b["labels"][r], ids[r])[:n].tolist()
+            seps = [i for i, t in enumerate(row) if t == tok.sep_id]
+            assert row[0] == tok.cls_id and len(seps) == 2 and seps[1] == n - 1
+            expect_tt = [0] * (seps[0] + 1) + [1] * (n - seps[0] - 1) + [0] * (len(ids[r]) - n)
+            assert tt[r].tolist() == expect_tt
+            assert (ids[r, n:] == tok.pad_id).all() and not am[r, n:].any()
+
+
+def test_whole_word_masking_with_wordpiece(shards):
+    obj = objective(shards, "mlm", whole_word_mask=True)
+    cont = torch.tensor([t.startswith("##") for t in
+                         (obj.tokenizer.id_to_token(i) for i in range(obj.tokenizer.vocab_size))])
+    assert cont.any()
+    for b in take(obj.stream("train", 8, seed=1), 5):
+        ids = torch.where(b["labels"] != IGNORE, b["labels"], b["input_ids"])
+        sel = b["labels"] != IGNORE
+        piece = cont[ids]
+        piece[:, 0] = False
+        assert (sel[:, 1:][piece[:, 1:]] == sel[:, :-1][piece[:, 1:]]).all()
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm,nsp"])
+def test_loss_is_sum_over_targets_and_matches_full_logits(shards, name):
+    obj = objective(shards, name)
+    torch.manual_seed(0)
+    model = obj.build_model().eval()
+    assert model.cfg.heads == name and (model.nsp is None) == (name == "mlm")
+    batch = next(obj.stream("train", 4, seed=0))
+    loss, n = obj.loss(model, batch)
+    assert int(n) == obj.count_targets(batch)
+    with torch.no_grad():  # reference: full (B, T, V) logits, mean-free cross-entropy
+        out = model(batch["input_ids"], batch.get("token_type_ids"), batch.get("attention_mask"))
+        ref = torch.nn.functional.cross_entropy(out.mlm_logits.flatten(0, 1), batch["labels"].flatten(),
+                                                reduction="sum")
+        if name == "mlm,nsp":
+            nsp = torch.nn.functional.cross_entropy(out.nsp_logits, batch["next_sentence_label"],
+                                                    reduction="sum")
+            assert abs(nsp.item() / 4 - np.log(2)) < 0.2  # untrained: about ln(2) per pair
+            ref = ref + nsp
+    torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-4)
+    n_mlm = (batch["labels"] != IGNORE).sum().item()
+    assert int(n) == n_mlm + (4 if name == "mlm,nsp" else 0)  # every masked token and every pair once
+    mlm_mean = (ref - (nsp if name == "mlm,nsp" else 0)).item() / n_mlm
+    assert abs(mlm_mean - np.log(model.cfg.vocab_size)) < 0.5  # untrained: about ln(V)
+
+
+def test_mlm_objective_rejects_a_gpt():
+    from lmforge.config import load_config
+    from lmforge.errors import ConfigError
+    from lmforge.objectives.mlm import MaskedLM
+
+    with pytest.raises(ConfigError, match="family=bert"):
+        MaskedLM(load_config("gpt-tiny", {"train": {"objective": "mlm"}})).build_model()
