@@ -20,6 +20,7 @@ Parameter names (stable; convert.py maps Hugging Face names onto them):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -170,6 +171,18 @@ class KVCache:
 # attention
 
 
+@functools.lru_cache(maxsize=16)
+def causal_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(q_len, k_len) additive mask: 0 where key <= query (queries are the last q_len positions), else -inf.
+
+        >>> causal_bias(2, 3, torch.float32, torch.device("cpu"))
+        tensor([[0., 0., -inf],
+                [0., 0., 0.]])
+    """
+    allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+    return torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+
 class Attention(nn.Module):
     """Multi-head (or grouped-query) self-attention: softmax(Q K^T / sqrt(d_k) + mask) V."""
 
@@ -214,18 +227,27 @@ class Attention(nn.Module):
         return self.o(y)
 
     def _math(self, q, k, v, mask, is_causal: bool, dropout: float) -> torch.Tensor:
-        """The explicit formula, kept beside SDPA so it stays readable (and as a reference)."""
+        """The explicit formula, kept beside SDPA so it stays readable (and as a reference).
+
+        QK^T * scale + causal bias is one baddbmm, and softmax runs in the input dtype (PyTorch
+        accumulates a bf16 softmax in fp32): in bf16 on a CPU this path trains ~2x faster than SDPA's
+        flash kernel (benchmarks/RESULTS.md, "train (GPT)"); configs/gpt-small.yaml selects it.
+        """
         if self.n_kv != self.n_head:  # each kv head serves n_head / n_kv consecutive query heads
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, nh, T, T_total)
-        if is_causal:
-            T, S = att.shape[-2:]
-            tri = torch.ones(T, S, dtype=torch.bool, device=att.device).tril(S - T)
-            att = att.masked_fill(~tri, float("-inf"))
+        B, nh, T, hs = q.shape
+        S = k.shape[2]
+        q3, k3t = q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2)  # (B nh, hs, S)
+        scale = 1.0 / math.sqrt(hs)
+        if is_causal:  # + (T, S) bias: 0 where key <= query position, -inf above the diagonal
+            att = torch.baddbmm(causal_bias(T, S, q.dtype, q.device), q3, k3t, alpha=scale)
+        else:
+            att = torch.bmm(q3, k3t) * scale
+        att = att.view(B, nh, T, S)  # (B, nh, T, T_total)
         if mask is not None:
             att = att.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else att + mask
-        att = F.softmax(att.float(), dim=-1).to(q.dtype)
+        att = F.softmax(att, dim=-1)
         if dropout:
             att = F.dropout(att, p=dropout)
         return att @ v  # (B, nh, T, hs)

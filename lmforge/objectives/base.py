@@ -1,0 +1,93 @@
+"""The seam between the one Trainer and what it optimizes: `Objective` and `Stream`.
+
+An objective knows three things the Trainer does not:
+  1. which network to build for it (`build_model`),
+  2. how to turn the token shards into batches (`stream`),
+  3. how to score a batch (`loss` -> (sum of per-target losses, number of targets)).
+
+The Trainer never looks inside a batch except through `count_targets` (so it can count the targets
+of a whole accumulation cycle *before* the first backward) and `n_tokens` (for tokens/s).
+Batches are `dict[str, Tensor]`; the convention is that `labels` holds target ids with -100 at
+positions that are not scored, so the defaults below work for every token-level objective.
+
+Adding an objective = a subclass here + a line in `lmforge/objectives/__init__.py:OBJECTIVES`:
+
+    class MyObjective(Objective):
+        name = "mine"
+        def stream(self, split, batch_size, seed, rank=0, world_size=1): ...
+        def loss(self, model, batch): ...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100  # label value for positions that are not scored (PyTorch's cross_entropy default)
+
+
+@runtime_checkable
+class Stream(Protocol):
+    """An endless iterator of batches with an exact, JSON-able position.
+
+    Restoring `state_dict()` into a fresh stream built with the same arguments must make it yield
+    exactly the batches the original would have yielded next (this is what makes resume exact).
+    """
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]: ...
+    def __next__(self) -> dict[str, Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Objective:
+    """Base class. `cfg` is the RunConfig, `tokenizer` an lmforge Tokenizer (may be None in tests)."""
+
+    name: str = "base"
+
+    def __init__(self, cfg, tokenizer=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+
+    # --- what to build -------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        """The network this objective trains, from cfg.model (family picked by the store's registry)."""
+        from lmforge.models.store import build_model
+
+        return build_model(self.cfg.model)
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.data.seq_len or self.cfg.model.max_seq_len
+
+    # --- data ----------------------------------------------------------------------------------
+    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Stream:
+        raise NotImplementedError
+
+    # --- scoring -------------------------------------------------------------------------------
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(sum of per-target losses as an fp32 scalar, number of targets) for one batch."""
+        raise NotImplementedError
+
+    def count_targets(self, batch: dict[str, Tensor]) -> int:
+        """Targets `loss` will score in this batch, known before the forward pass.
+
+        Must equal the `n` that `loss` returns (the Trainer checks). Override when an objective
+        scores something other than `labels != -100` (e.g. one NSP label per sequence).
+        """
+        return int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def n_tokens(self, batch: dict[str, Tensor]) -> int:
+        """Input tokens in the batch (for tokens/s): the size of `input_ids`."""
+        return batch["input_ids"].numel()
+
+    def metrics(self, batches: list[dict[str, Tensor]], loss_sum: float, n_targets: int) -> dict[str, float]:
+        """Extra eval numbers computed from the evaluated val batches (e.g. bits per byte). Default none."""
+        return {}
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -1,0 +1,131 @@
+"""Causal language modelling: predict token t+1 from tokens <= t (GPT pretraining).
+
+Batches come from `TokenWindows` (packed windows of seq_len + 1 tokens from the shards):
+
+    w = [[5, 9, 2, 7]]                       # (B, T+1)
+    input_ids = w[:, :-1] = [[5, 9, 2]]      # (B, T)
+    labels    = w[:, 1:]  = [[9, 2, 7]]      # (B, T); -100 marks an unscored position
+
+Loss = cross-entropy summed over scored targets, computed in fp32 from the model's logits;
+the Trainer divides by the target count of the whole accumulation cycle.
+
+Eval extras: perplexity comes from the Trainer (exp of mean loss); this objective adds bits per
+byte, `bpb = sum_nats / ln(2) / n_bytes`, where n_bytes is measured, not assumed: each evaluated
+row of targets is decoded with the run's tokenizer (special tokens skipped, so document separators
+count 0 bytes) and its UTF-8 length is summed. That makes bpb comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmforge.objectives.base import IGNORE_INDEX, Objective
+
+
+class WindowStream:
+    """TokenWindows (B, T+1) -> {"input_ids": (B, T), "labels": (B, T)}; position = the loader's."""
+
+    def __init__(self, windows):
+        self.windows = windows
+
+    def __iter__(self) -> WindowStream:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        w = next(self.windows)  # (B, T+1)
+        return {"input_ids": w[:, :-1], "labels": w[:, 1:]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.windows.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.windows.load_state_dict(state)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy whose gradient is computed in the forward pass, CHUNK rows at a time.
+
+    d(sum CE)/d logits = softmax(logits) - onehot(label) (0 for ignored rows), so the forward pass can
+    write it straight into one buffer in the logits' dtype while the chunk is in cache, and backward
+    only scales it. Compared with `F.cross_entropy(logits.float(), ...)` this skips the fp32 copy of
+    the logits, the saved fp32 log-softmax, the zero-filled NLL gradient and the cast back: on the
+    benchmark shape (4096 x 8192 bf16 logits, one CPU core) 125 ms instead of 273 ms forward+backward.
+    The math per chunk is fp32 (logsumexp over the vocabulary), as the plain version.
+    """
+
+    CHUNK = 32  # rows; 32 x 8192 fp32 = 1 MiB, cache-resident
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:  # logits (N, V), labels (N,)
+        grad = torch.empty_like(logits)  # (N, V), the logits' dtype
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.shape[0], ChunkedCrossEntropy.CHUNK):
+            x = logits[s:s + ChunkedCrossEntropy.CHUNK].to(torch.float32, copy=True)  # (c, V)
+            y = labels[s:s + ChunkedCrossEntropy.CHUNK]
+            valid = y != IGNORE_INDEX  # (c,)
+            idx = torch.where(valid, y, 0)[:, None]  # (c, 1)
+            lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (c, 1)
+            total += ((lse - x.gather(1, idx)).squeeze(1) * valid).sum()
+            x.sub_(lse).exp_()  # softmax
+            x.scatter_add_(1, idx, torch.full_like(x[:, :1], -1.0))  # - onehot(label)
+            torch.mul(x, valid[:, None], out=grad[s:s + ChunkedCrossEntropy.CHUNK])  # cast on write
+        ctx.save_for_backward(grad)
+        ctx.used = False
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        # scaled in place: a fresh (N, V) tensor would cost a page-faulting allocation every step
+        assert not ctx.used, "ChunkedCrossEntropy's graph can be backpropagated once (no retain_graph)"
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        return grad.mul_(grad_out.to(grad.dtype)), None
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of fp32 cross-entropies over labels != -100, their count). logits (B, T, V), labels (B, T).
+
+    Equal to F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum") (tested);
+    computed by ChunkedCrossEntropy when gradients are needed.
+    """
+    flat, target = logits.flatten(0, 1), labels.flatten()
+    if torch.is_grad_enabled() and flat.requires_grad:
+        loss_sum = ChunkedCrossEntropy.apply(flat, target)
+    else:
+        loss_sum = F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss_sum, (labels != IGNORE_INDEX).sum()
+
+
+class CausalLM(Objective):
+    name = "clm"
+
+    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        from lmforge.data.loader import TokenWindows
+
+        windows = TokenWindows(
+            self.cfg.data.shards, split, self.seq_len, batch_size, seed,
+            rank=rank, world_size=world_size, shuffle=split == "train",
+        )
+        return WindowStream(windows)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
+        return lm_loss(logits, batch["labels"])
+
+    def metrics(self, batches: list[dict[str, Tensor]], loss_sum: float, n_targets: int) -> dict[str, float]:
+        if self.tokenizer is None:
+            return {}
+        n_bytes = 0
+        for batch in batches:
+            for row in batch["labels"].tolist():
+                ids = [i for i in row if i != IGNORE_INDEX]
+                n_bytes += len(self.tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+        if n_bytes == 0:
+            return {}
+        return {"bpb": loss_sum / math.log(2) / n_bytes, "bytes_per_token": n_bytes / max(1, n_targets)}
+

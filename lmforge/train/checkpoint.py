@@ -1,0 +1,206 @@
+"""Checkpoints: atomic save, keep-last-K, and everything exact resume needs.
+
+Layout (one folder per checkpoint, renamed into place only when complete, via `io.atomic_dir`):
+
+    RUN/checkpoints/step-000500/           after 500 optimizer steps
+        config.json  model.safetensors     the model (what `load()` reads), via models.store
+        tokenizer.json                     the run's tokenizer
+        trainer_state.pt                   optimizer, step, micro, RNG, data position, partial grads
+    RUN/checkpoints/step-000500-micro-2/   stopped inside step 501 after 2 of its micro-batches
+
+`trainer_state.pt` holds only tensors, numbers, strings, lists and dicts, so
+`torch.load(path, weights_only=True)` reads it (no pickled classes). Its keys:
+
+    step        optimizer steps completed           micro     micro-batches done in the current cycle
+    optimizer   optimizer.state_dict()              stream    data position at the START of the cycle
+    rng         torch / numpy / python / cuda RNG   grads     {param name: accumulated grad} if micro > 0
+    loss_acc    summed loss of the micro-batches done so far in the cycle (for the logged step loss)
+
+Resuming mid-cycle restores the cycle's start position, re-reads the cycle's micro-batches (needed
+anyway: the whole cycle's target count divides every micro-batch loss), puts the saved partial grads
+back and continues at micro-batch `micro`, so the result is the same bits as never having stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.errors import CheckpointError
+from lmforge.io import atomic_dir
+
+STATE_FILE = "trainer_state.pt"
+_NAME = re.compile(r"^step-(\d+)(?:-micro-(\d+))?$")
+# model config keys that may change between a checkpoint and its resume (they do not shape weights)
+RUNTIME_KEYS = {"dropout", "attn_impl"}
+
+
+def checkpoint_name(step: int, micro: int = 0) -> str:
+    """(500, 0) -> 'step-000500'; (500, 2) -> 'step-000500-micro-2'."""
+    return f"step-{step:06d}" + (f"-micro-{micro}" if micro else "")
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (temp folders start with '.' and are skipped)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir():
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
+    return [p for _, p in sorted(found)]
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state as plain tensors / lists (weights_only-safe)
+
+
+def rng_state() -> dict[str, Any]:
+    version, keys, gauss = random.getstate()
+    kind, np_keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "keys": list(keys), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["keys"]), py["gauss"]))
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# save
+
+
+def save_model_files(model: nn.Module, tokenizer, folder: Path) -> None:
+    """config.json + model.safetensors (+ tokenizer.json) into `folder`."""
+    from lmforge.models.store import save_model
+
+    save_model(model, folder)
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer.json")
+
+
+def save_checkpoint(run_dir: str | Path, model: nn.Module, tokenizer, state: dict[str, Any],
+                    keep_last: int = 2) -> Path:
+    """Write RUN/checkpoints/step-NNNNNN[-micro-J]/ atomically, then delete all but the newest `keep_last`."""
+    final = Path(run_dir) / "checkpoints" / checkpoint_name(state["step"], state.get("micro", 0))
+    with atomic_dir(final) as tmp:
+        save_model_files(model, tokenizer, tmp)
+        torch.save(state, tmp / STATE_FILE)
+    if keep_last > 0:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+
+
+def load_state(ckpt: Path) -> dict[str, Any]:
+    path = Path(ckpt) / STATE_FILE
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except Exception as e:  # truncated zip, bad pickle, ... : all mean "corrupt"
+        raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}); delete {ckpt}") from None
+
+
+def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(ckpt) / "model.safetensors"
+    try:
+        return load_file(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}); delete {ckpt}") from None
+
+
+def check_model_config(ckpt: Path, model_cfg) -> None:
+    """CheckpointError naming the first model key whose value differs from the checkpoint's config.json."""
+    path = Path(ckpt) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e.__class__.__name__}); delete {ckpt}") from None
+    ours = dataclasses.asdict(model_cfg)
+    for key, value in ours.items():
+        if key in RUNTIME_KEYS or key not in saved:
+            continue
+        if saved[key] != value:
+            raise CheckpointError(
+                f"cannot resume: checkpoint {ckpt.name} has model.{key}={saved[key]!r} but the config says "
+                f"{value!r}; pass --model.{key}={saved[key]} or start a new run with another --out"
+            )
+
+
+def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], ckpt: Path) -> None:
+    """Copy saved tensors into `model` in place (the optimizer keeps pointing at the same Parameters).
+
+    Tied weights are stored once; a missing key is fine when it shares storage with a loaded one.
+    """
+    own = model.state_dict(keep_vars=True)
+    loaded_ptrs = set()
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            if name not in own:
+                raise CheckpointError(f"{ckpt.name}/model.safetensors has unknown tensor {name!r}; "
+                                      "it belongs to another model")
+            if own[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{ckpt.name}: tensor {name!r} is {tuple(tensor.shape)} but the model has "
+                    f"{tuple(own[name].shape)}; the model config differs from the checkpoint's"
+                )
+            own[name].copy_(tensor)
+            loaded_ptrs.add(own[name].data_ptr())
+    missing = [n for n, t in own.items() if n not in weights and t.data_ptr() not in loaded_ptrs]
+    if missing:
+        raise CheckpointError(f"{ckpt.name}/model.safetensors lacks {missing[0]!r}; "
+                              "the checkpoint is incomplete")
+
+
+def latest_good(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """Newest checkpoint whose state and weights both load; corrupt ones are skipped with a warning.
+
+    Raises CheckpointError when the run has no checkpoint or none is readable.
+    """
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise CheckpointError(f"nothing to resume: {Path(run_dir) / 'checkpoints'} has no checkpoint; "
+                              "drop --resume to start fresh")
+    errors = []
+    for ckpt in reversed(ckpts):
+        try:
+            return ckpt, load_state(ckpt), load_weights(ckpt)
+        except CheckpointError as e:
+            errors.append(str(e))
+            print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+    raise CheckpointError(f"no readable checkpoint in {Path(run_dir) / 'checkpoints'}: {errors[0]}")

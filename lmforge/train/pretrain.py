@@ -1,0 +1,107 @@
+"""`lmforge pretrain`: config -> tokenizer + objective + model -> the one Trainer.
+
+    lmforge pretrain gpt-small --data.shards data/shards --out runs/gpt-small
+    lmforge pretrain gpt-small --data.shards data/shards --out runs/gpt-small --resume
+    lmforge pretrain bert-small --objective mlm,nsp --data.shards data/wp-shards --train.lr=1e-4
+
+CONFIG is a preset name (configs/*.yaml) or a YAML path; any `--section.key=value` overrides it.
+The tokenizer is the one `lmforge prepare` copied next to the shards (shards/tokenizer.json), unless
+--data.tokenizer names another with the same hash. The model's vocab_size must cover the tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from lmforge.config import load_config, merge, parse_overrides
+from lmforge.errors import ConfigError, DataError
+
+RUN_MARKERS = ("run.yaml", "checkpoints", "metrics.jsonl", "model.safetensors")
+
+
+def pretrain(config: str, shards: str | None = None, objective: str | None = None, out: str | None = None,
+             resume: bool = False, overwrite: bool = False, overrides: list[str] | dict | None = None,
+             progress: bool = True) -> dict[str, float]:
+    """Train a model from CONFIG on token shards; returns the final metrics. See the module docstring."""
+    from lmforge import runtime
+    from lmforge.data.prepare import load_meta
+    from lmforge.objectives import make_objective
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.trainer import Trainer
+
+    over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    cli = {"data": {"shards": shards}, "train": {"objective": objective, "out_dir": out}}
+    cli = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in cli.items()}
+    cfg = load_config(config, merge(over, {s: kv for s, kv in cli.items() if kv}))
+    if not cfg.data.shards:
+        raise ConfigError("no training data: pass --data.shards DIR (a folder written by `lmforge prepare`)")
+    meta = load_meta(cfg.data.shards)
+    tok_path = Path(cfg.data.tokenizer or Path(cfg.data.shards) / "tokenizer.json")
+    tokenizer = Tokenizer.load(tok_path)
+    if meta.get("tokenizer_hash") and tokenizer.hash != meta["tokenizer_hash"]:
+        raise DataError(f"{tok_path} is not the tokenizer {cfg.data.shards} was prepared with; "
+                        "drop --data.tokenizer or re-run `lmforge prepare` with it")
+    needed = max(tokenizer.vocab_size, int(meta.get("vocab_size", 0)))
+    if cfg.model.vocab_size < needed:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {needed} "
+                          f"tokens; pass --model.vocab_size={needed}")
+    seq_len = cfg.data.seq_len or cfg.model.max_seq_len
+    if seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
+                          f"pass --data.seq_len={cfg.model.max_seq_len} or raise model.max_seq_len")
+    _check_out_dir(Path(cfg.train.out_dir), resume, overwrite)
+
+    runtime.seed_everything(cfg.train.seed)  # model init is part of the run's seed
+    obj = make_objective(cfg, tokenizer)
+    model = obj.build_model()
+    trainer = Trainer(cfg, model, obj, tokenizer, progress=progress)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"pretrain {cfg.train.objective}: {n_params / 1e6:.2f}M parameters, device {trainer.device}, "
+          f"{cfg.train.dtype}, {cfg.train.max_steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} "
+          f"x {seq_len} tokens -> {cfg.train.out_dir}", file=sys.stderr)
+    result = trainer.fit(resume=resume)
+    return result
+
+
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            raise ConfigError(f"--resume: {out} has no checkpoints/; check --out or drop --resume")
+        return
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise ConfigError(f"output dir {out} exists and is not empty; pass --resume to continue it, "
+                          "--overwrite to replace it, or another --out")
+    if not out.is_dir() or not any((out / m).exists() for m in RUN_MARKERS):
+        raise ConfigError(f"--overwrite: {out} does not look like a run dir (no run.yaml / checkpoints); "
+                          "refusing to delete it, pick another --out")
+    shutil.rmtree(out)
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="preset name (configs/*.yaml, e.g. gpt-small) or a YAML path")
+    parser.add_argument("--data.shards", dest="shards", metavar="DIR",
+                        help="token shards folder from `lmforge prepare` (holds meta.json + tokenizer.json)")
+    parser.add_argument("--objective", choices=("clm", "mlm", "mlm,nsp"), default=None,
+                        help="what to optimize (default: the config's train.objective)")
+    parser.add_argument("--out", default=None, help="run dir (default: the config's train.out_dir)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out exactly from its newest good checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
+    parser.epilog = "Any config field can be overridden: --train.lr=3e-4 --model.n_layer=4"
+    parser.set_defaults(func=_cmd, overrides=True)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    result = pretrain(args.config, shards=args.shards, objective=args.objective, out=args.out,
+                      resume=args.resume, overwrite=args.overwrite, overrides=args.overrides,
+                      progress=not args.no_progress)
+    keys = ("step", "loss", "val_loss", "val_bpb")
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k in keys)
+    print(f"done: {shown}")
+    return 0

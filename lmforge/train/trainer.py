@@ -1,0 +1,365 @@
+"""The one training loop. Every objective (clm, mlm, mlm+nsp, later fine-tuning tasks) runs through it.
+
+    trainer = Trainer(cfg, model, objective, tokenizer)
+    trainer.fit()                 # or fit(resume=True) to continue RUN/checkpoints/ exactly
+
+One optimizer step = one accumulation cycle of `grad_accum` micro-batches:
+  1. read all micro-batches of the cycle and count their targets (`objective.count_targets`) FIRST;
+  2. for each micro-batch: loss_sum, n = objective.loss(model, batch); backward(loss_sum / cycle_targets),
+     so the accumulated gradient is exactly the big batch's mean-loss gradient, padding included;
+  3. stop on a NaN/inf loss or grad norm (TrainingError; checkpoints on disk stay as they were);
+  4. clip the global grad norm, set lr = lr_at(step), AdamW step, zero grads.
+
+Around it: bf16 autocast (runtime.autocast), optional torch.compile, eval on the val split every
+`eval_every` steps (loss, perplexity, objective extras such as bits per byte), logging (tqdm bar with
+loss, tokens/s, MFU and ETA; RUN/metrics.jsonl; TensorBoard under RUN/tb; RUN/loss.png at the end) and
+checkpoints (train/checkpoint.py). A stop request (SIGINT, train.max_time, or the `should_stop` hook)
+is honoured after any micro-batch: the checkpoint then holds the partial gradients of the cycle.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge import runtime
+from lmforge.config import RunConfig, save_run_yaml
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_write_bytes
+from lmforge.objectives.base import Objective, to_device
+from lmforge.train import checkpoint as ckpt_mod
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
+
+
+class TrainingError(LmforgeError):
+    """The run cannot continue (diverged to NaN / inf)."""
+
+
+def flops_per_token(model: nn.Module, n_layer: int, seq_len: int, d_model: int) -> float:
+    """Training FLOPs per token, 6N + 12*L*T*d (PaLM appendix B; N excludes position tables)."""
+    n = sum(p.numel() for p in model.parameters())
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and ("pos" in name or "wpe" in name):
+            n -= module.weight.numel()
+    return 6.0 * n + 12.0 * n_layer * seq_len * d_model
+
+
+class Trainer:
+    """Trainer(cfg, model, objective, tokenizer=None, out_dir=None). `out_dir` defaults to cfg.train.out_dir.
+
+    Hooks for tests and callers: `should_stop(step, micro) -> bool` is called after every micro-batch
+    (`micro` = micro-batches done in the cycle of optimizer step `step`, 0-based) and after every
+    optimizer step (micro = 0, `step` = steps done); True stops the run gracefully with a checkpoint.
+    """
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, objective: Objective, tokenizer=None,
+                 out_dir: str | Path | None = None, progress: bool = True):
+        self.cfg, self.t = cfg, cfg.train
+        self.run_dir = Path(out_dir or cfg.train.out_dir)
+        self.device = runtime.pick_device(self.t.device)
+        self.model = model.to(self.device)
+        self.objective = objective
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(objective, "tokenizer", None)
+        self.progress = progress
+        self.should_stop: Callable[[int, int], bool] | None = None
+        self.step = 0
+        self.rank, self.world_size = 0, 1
+        self._interrupted = False
+        self.last_eval: dict[str, float] = {}
+        if self.t.activation_checkpointing:
+            if not hasattr(model, "gradient_checkpointing"):
+                raise TrainingError(f"{type(model).__name__} has no activation checkpointing switch; "
+                                    "set --train.activation_checkpointing=false")
+            model.gradient_checkpointing = True
+        self.optimizer = build_optimizer(self.model, self.t)
+        self.forward_model = torch.compile(self.model) if self.t.compile else self.model
+        self.flops_per_token = flops_per_token(
+            self.model, cfg.model.n_layer, objective.seq_len, cfg.model.d_model)
+
+    # -----------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, float]:
+        """Train to train.max_steps (or until stopped). Returns the last logged metrics."""
+        t = self.t
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        runtime.seed_everything(t.seed)
+        stream = self.objective.stream("train", t.batch_size, t.seed, self.rank, self.world_size)
+        micro0, grads0, loss0 = 0, None, 0.0
+        if resume:
+            micro0, grads0, loss0 = self._restore(stream)
+        save_run_yaml(self.cfg, self.run_dir, {"resumed_at_step": self.step} if resume else None)
+        self._open_logs(resume)
+        old_handler = self._install_sigint()
+        try:
+            return self._loop(stream, micro0, grads0, loss0)
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+            self._close_logs()
+
+    def _loop(self, stream, micro0: int, grads0, loss0: float) -> dict[str, float]:
+        t, model, obj = self.t, self.model, self.objective
+        model.train()
+        start = time.monotonic()
+        tick, tick_tokens, tick_steps = start, 0, 0
+        bar = self._bar()
+        last: dict[str, float] = {}
+        stopped = False
+        while self.step < t.max_steps:
+            cycle_start = copy.deepcopy(stream.state_dict())
+            batches = [to_device(next(stream), self.device) for _ in range(t.grad_accum)]
+            if micro0:  # resumed inside this cycle: put back the partial grads of micro-batches < micro0
+                for name, p in model.named_parameters():
+                    if name in grads0:
+                        p.grad = grads0[name].to(self.device)
+            stop = lambda done: self._stop_requested(start, self.step, done)  # noqa: B023
+            loss_acc, total, done = self.accumulate(batches, micro0, loss0, stop)
+            if done < len(batches):
+                self._save(cycle_start, micro=done, loss_acc=float(loss_acc))
+                stopped = True
+                break
+            micro0, loss0 = 0, 0.0
+            loss, grad_norm, lr = self.optimizer_step(loss_acc, total)
+            self.step += 1
+            tick_tokens += sum(obj.n_tokens(b) for b in batches)
+            tick_steps += 1
+
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                now = time.monotonic()
+                tps = tick_tokens / max(now - tick, 1e-9)
+                last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                        "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self._peak_flops(),
+                        "elapsed_s": now - start}
+                self._log(last)
+                tick, tick_tokens = now, 0
+            if bar is not None:
+                bar.update(tick_steps)
+                tick_steps = 0
+                if last:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                    mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
+            if t.eval_every > 0 and self.step % t.eval_every == 0:
+                self.evaluate()
+            stopped = self.step < t.max_steps and self._stop_requested(start, self.step, 0)
+            if self.step % t.save_every == 0 or stopped or self.step == t.max_steps:
+                self._save(stream.state_dict(), micro=0, loss_acc=0.0)
+            if stopped:
+                break
+        if bar is not None:
+            bar.close()
+        ckpt_mod.save_model_files(model, self.tokenizer, self.run_dir)  # final weights at RUN/ top level
+        if stopped:
+            print(f"stopped at step {self.step}; continue with --resume", file=sys.stderr)
+        return {**last, **self.last_eval}
+
+    def optimizer_step(self, loss_acc: torch.Tensor, total: int) -> tuple[float, float, float]:
+        """After a full cycle: check for divergence, clip, set lr_at(step), AdamW step, zero grads.
+
+        Returns (mean loss of the cycle, grad norm before clipping, lr used). Does not advance self.step.
+        """
+        t = self.t
+        loss = float(loss_acc) / max(total, 1)
+        if not math.isfinite(loss):
+            raise TrainingError(self._diverged(f"loss is {loss}"))
+        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(self._diverged(f"grad norm is {grad_norm}"))
+        lr = lr_at(self.step, t)
+        set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, lr
+
+    def accumulate(self, batches: list[dict], start: int = 0, loss_acc: float = 0.0,
+                   stop: Callable[[int], bool] | None = None) -> tuple[torch.Tensor, int, int]:
+        """Forward + backward micro-batches `start`.. of one accumulation cycle into the params' .grad.
+
+        Each micro-batch contributes d(loss_sum / cycle_targets), where cycle_targets counts the targets
+        of ALL of `batches` (also those before `start`), so the summed gradient equals the gradient of
+        the mean loss over the concatenated big batch, whatever the padding.
+        `stop(done)` is asked after each micro-batch but the last; True returns early.
+        Returns (summed loss of micro-batches 0..done-1 as a tensor, cycle_targets, done).
+        """
+        counts = [self.objective.count_targets(b) for b in batches]
+        total = max(sum(counts), 1)  # the whole cycle's targets, counted FIRST
+        acc = torch.tensor(float(loss_acc), device=self.device)
+        for j in range(start, len(batches)):
+            with runtime.autocast(self.device, self.t.dtype):
+                loss_sum, n = self.objective.loss(self.forward_model, batches[j])
+            assert int(n) == counts[j], "objective.loss and objective.count_targets disagree"
+            (loss_sum / total).backward()
+            acc += loss_sum.detach().float()
+            if stop is not None and j + 1 < len(batches) and stop(j + 1):
+                return acc, total, j + 1
+        return acc, total, len(batches)
+
+    # -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss, perplexity and objective extras over train.eval_steps val batches (same each time)."""
+        t, obj = self.t, self.objective
+        try:
+            stream = obj.stream("val", t.batch_size, t.seed, self.rank, self.world_size)
+        except LmforgeError as e:
+            print(f"warning: no evaluation ({e})", file=sys.stderr)
+            return {}
+        self.model.eval()
+        batches, loss_sum, n = [], 0.0, 0
+        for _ in range(t.eval_steps):
+            try:
+                batch = to_device(next(stream), self.device)
+            except StopIteration:
+                break
+            with runtime.autocast(self.device, t.dtype):
+                ls, nb = obj.loss(self.forward_model, batch)
+            loss_sum += float(ls)
+            n += int(nb)
+            batches.append(batch)
+        self.model.train()
+        if n == 0:
+            return {}
+        mean = loss_sum / n
+        out = {"val_loss": mean, "val_ppl": math.exp(min(mean, 80.0))}
+        out.update({f"val_{k}": v for k, v in obj.metrics(batches, loss_sum, n).items()})
+        self.last_eval = out
+        self._log({"step": self.step, **out})
+        return out
+
+    # -----------------------------------------------------------------------------------------
+    # stop requests, checkpoints, resume
+
+    def _stop_requested(self, start: float, step: int, micro: int) -> bool:
+        if self._interrupted:
+            return True
+        if self.should_stop is not None and self.should_stop(step, micro):
+            return True
+        return micro == 0 and self.t.max_time is not None and time.monotonic() - start > self.t.max_time
+
+    def _install_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self._interrupted:  # second Ctrl-C: abort now
+                raise KeyboardInterrupt
+            self._interrupted = True
+            print("\ninterrupt: saving a checkpoint after this micro-batch (Ctrl-C again to abort)",
+                  file=sys.stderr)
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def _save(self, stream_state, micro: int, loss_acc: float) -> Path:
+        state = {
+            "step": self.step, "micro": micro, "optimizer": self.optimizer.state_dict(),
+            "stream": stream_state, "rng": ckpt_mod.rng_state(), "loss_acc": loss_acc,
+            "grad_accum": self.t.grad_accum, "batch_size": self.t.batch_size,
+        }
+        if micro:
+            state["grads"] = {n: p.grad.detach().cpu().clone() for n, p in self.model.named_parameters()
+                              if p.grad is not None}
+        return ckpt_mod.save_checkpoint(self.run_dir, self.model, self.tokenizer, state, self.t.keep_last)
+
+    def _restore(self, stream) -> tuple[int, dict | None, float]:
+        ckpt, state, weights = ckpt_mod.latest_good(self.run_dir)
+        ckpt_mod.check_model_config(ckpt, self.cfg.model)
+        for key in ("grad_accum", "batch_size"):
+            if state["micro"] and state.get(key) != getattr(self.t, key):
+                raise ckpt_mod.CheckpointError(
+                    f"cannot resume {ckpt.name} mid-cycle with train.{key}={getattr(self.t, key)}; "
+                    f"it was saved with {state.get(key)}: pass --train.{key}={state.get(key)}")
+        ckpt_mod.apply_weights(self.model, weights, ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["stream"])
+        ckpt_mod.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        print(f"resuming from {ckpt} (step {self.step}, micro-batch {state['micro']})", file=sys.stderr)
+        return int(state["micro"]), state.get("grads"), float(state.get("loss_acc", 0.0))
+
+    def _diverged(self, what: str) -> str:
+        done = ckpt_mod.list_checkpoints(self.run_dir)
+        keep = f"last good checkpoint: {done[-1]}" if done else "no checkpoint was written"
+        return (f"training diverged at step {self.step + 1}: {what}; {keep}; "
+                f"lower --train.lr (now {self.t.lr}) or raise --train.warmup_steps and --resume")
+
+    # -----------------------------------------------------------------------------------------
+    # logging
+
+    def _peak_flops(self) -> float:
+        return self.t.peak_flops or runtime.peak_flops(self.device, self.t.dtype)
+
+    def _bar(self):
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _open_logs(self, resume: bool) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if resume and path.exists():  # forget records from after the checkpoint we resumed from
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        elif not resume:
+            path.unlink(missing_ok=True)
+        self._metrics = path.open("a", encoding="utf-8")
+        self._tb = None
+        if self.t.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if resume else None)
+
+    def _log(self, record: dict[str, float]) -> None:
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step":
+                    tag = "val/" + key[4:] if key.startswith("val_") else f"train/{key}"
+                    self._tb.add_scalar(tag, value, record["step"])
+
+    def _close_logs(self) -> None:
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+        try:
+            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        except Exception as e:  # a missing plot never fails a run
+            print(f"warning: loss.png not written ({e.__class__.__name__}: {e})", file=sys.stderr)
+
+
+def plot_losses(metrics_path: Path, png_path: Path) -> None:
+    """Train loss (and val loss) against step, from metrics.jsonl, to a PNG written atomically."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for points, label in ((train, "train"), (val, "val")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / target)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(png_path, buf.getvalue())

@@ -1,0 +1,142 @@
+"""Checkpoints: weights_only-loadable state, keep-last-K, exact resume (mid-cycle too), clear errors."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from test_trainer import Synthetic, make_trainer, tiny_cfg
+
+from lmforge.errors import CheckpointError
+from lmforge.models.gpt import GPT
+from lmforge.train import checkpoint as ck
+from lmforge.train.trainer import Trainer
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_bitwise(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def run_uninterrupted(tmp_path, **train):
+    cfg = tiny_cfg(tmp_path / "ref", **train)
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    return weights(trainer.model)
+
+
+def run_stopped_then_resumed(tmp_path, stop_at, **train):
+    cfg = tiny_cfg(tmp_path / "cut", **train)
+    first = make_trainer(cfg)
+    first.should_stop = lambda step, micro: (step, micro) == stop_at
+    first.fit()
+    # a fresh process would build a fresh model: use another init so only the checkpoint can make it match
+    second = make_trainer(cfg, init_seed=123)
+    second.fit(resume=True)
+    return weights(second.model), cfg
+
+
+def test_resume_at_step_boundary_is_bitwise_exact(tmp_path):
+    ref = run_uninterrupted(tmp_path, max_steps=6, grad_accum=2)
+    got, cfg = run_stopped_then_resumed(tmp_path, (3, 0), max_steps=6, grad_accum=2)
+    assert_bitwise(ref, got)
+    assert (tmp_path / "cut" / "run" / "checkpoints" / "step-000006").is_dir()
+
+
+def test_resume_inside_an_accumulation_cycle_is_bitwise_exact(tmp_path):
+    # dropout on: the resumed run must also continue the RNG stream exactly
+    train = dict(max_steps=5, grad_accum=3, dropout=0.1, save_every=100)
+    ref = run_uninterrupted(tmp_path, **train)
+    cfg = tiny_cfg(tmp_path / "cut", **train)
+    first = make_trainer(cfg)
+    first.should_stop = lambda step, micro: (step, micro) == (2, 1)  # during step 3, after micro-batch 1 of 3
+    first.fit()
+    assert first.step == 2
+    ckpt = tmp_path / "cut" / "run" / "checkpoints" / "step-000002-micro-1"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # plain data only
+    assert state["micro"] == 1 and state["step"] == 2
+    assert set(state["grads"]) == {n for n, _ in first.model.named_parameters()}
+    assert all(g.abs().sum() > 0 for g in state["grads"].values())  # real partial gradients
+    second = make_trainer(cfg, init_seed=123)
+    second.fit(resume=True)
+    assert second.step == 5
+    assert_bitwise(ref, weights(second.model))
+
+
+def test_trainer_state_holds_only_plain_data(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+    path = tmp_path / "run" / "checkpoints" / "step-000002" / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    assert state["step"] == 2 and state["micro"] == 0 and state["stream"] == {"pos": 4}  # 2 steps x 2 rows
+    assert {"state", "param_groups"} <= set(state["optimizer"])
+    assert {"torch", "numpy", "python"} <= set(state["rng"])
+
+
+def test_rng_state_round_trips_through_weights_only(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    torch.save(ck.rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    ck.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_keep_last_k_deletes_only_older_complete_checkpoints(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=5, save_every=1, keep_last=3)
+    make_trainer(cfg).fit()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000003", "step-000004", "step-000005"]
+    for p in root.iterdir():
+        assert {f.name for f in p.iterdir()} == {"config.json", "model.safetensors", "trainer_state.pt"}
+
+
+def test_resume_with_a_different_model_shape_names_the_key(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+    cfg.model.n_layer = 3
+    trainer = Trainer(cfg, GPT(cfg.model), Synthetic(cfg), progress=False)
+    with pytest.raises(CheckpointError, match=r"model\.n_layer=2 but the config says 3") as e:
+        trainer.fit(resume=True)
+    assert "\n" not in str(e.value)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2, keep_last=2)
+    make_trainer(cfg).fit()
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-000004" / "trainer_state.pt").write_bytes(b"not a zip file")
+    ckpt, state, _ = ck.latest_good(tmp_path / "run")
+    assert ckpt.name == "step-000002" and state["step"] == 2
+    assert "step-000004" in capsys.readouterr().err
+    # truncated weights count as corrupt too; with nothing readable left, the error names the file
+    data = (root / "step-000002" / "model.safetensors").read_bytes()
+    (root / "step-000002" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="no readable checkpoint"):
+        ck.latest_good(tmp_path / "run")
+
+
+def test_resume_without_checkpoints_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        make_trainer(cfg).fit(resume=True)
+
+
+def test_resumed_run_after_fallback_still_finishes(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2)
+    ref = make_trainer(cfg)
+    ref.fit()
+    expected = weights(ref.model)
+    (tmp_path / "run" / "checkpoints" / "step-000004" / "model.safetensors").write_bytes(b"\x00" * 10)
+    again = make_trainer(cfg, init_seed=5)
+    again.fit(resume=True)  # resumes from step-000002 and redoes steps 3-4
+    assert_bitwise(expected, weights(again.model))

@@ -1,0 +1,253 @@
+"""The one Trainer: accumulation equals the big batch (padding too), run dir, NaN / time stops, CLI."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from lmforge.models.gpt import GPT
+from lmforge.models.store import load_model
+from lmforge.objectives.clm import CausalLM, lm_loss
+from lmforge.train import checkpoint as ck
+from lmforge.train.optim import lr_at
+from lmforge.train.trainer import Trainer, TrainingError
+
+SEQ = 16
+
+
+class ListStream:
+    """Windows from a fixed tensor, in order; some rows end in unscored (-100) 'padding' of varying length."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, pad: bool):
+        self.data, self.batch_size, self.pad, self.pos = data, batch_size, pad, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        idx = [(self.pos + i) % len(self.data) for i in range(self.batch_size)]
+        self.pos += self.batch_size
+        w = self.data[idx]  # (B, T+1)
+        labels = w[:, 1:].clone()
+        if self.pad:
+            for r, i in enumerate(idx):
+                labels[r, SEQ - (i * 7) % (SEQ - 1):] = -100  # 1..SEQ-1 real targets, row-dependent
+        return {"input_ids": w[:, :-1], "labels": labels}
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, state):
+        self.pos = state["pos"]
+
+
+class Synthetic(CausalLM):
+    """CausalLM scored as usual, fed from an in-memory token table instead of shards (hermetic)."""
+
+    def __init__(self, cfg, pad=False, n_rows=64, seed=0):
+        super().__init__(cfg, None)
+        g = torch.Generator().manual_seed(seed)
+        self.data = {s: torch.randint(0, cfg.model.vocab_size, (n_rows, SEQ + 1), generator=g)
+                     for s in ("train", "val")}
+        self.pad = pad
+
+    def stream(self, split, batch_size, seed, rank=0, world_size=1):
+        return ListStream(self.data[split], batch_size, self.pad)
+
+
+def tiny_cfg(tmp_path, **train) -> RunConfig:
+    model = ModelConfig(vocab_size=96, max_seq_len=SEQ, n_layer=2, n_head=2, d_model=32,
+                        dropout=train.pop("dropout", 0.0))
+    base = dict(out_dir=str(tmp_path / "run"), dtype="fp32", device="cpu", batch_size=2, grad_accum=1,
+                max_steps=6, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_every=0, eval_steps=2,
+                save_every=100, log_every=1, keep_last=2, tensorboard=False)
+    base.update(train)
+    return RunConfig(model=model, data=DataConfig(seq_len=SEQ), train=TrainConfig(**base))
+
+
+def make_trainer(cfg, pad=False, init_seed=0):
+    torch.manual_seed(init_seed)
+    return Trainer(cfg, GPT(cfg.model), Synthetic(cfg, pad=pad), progress=False)
+
+
+def test_accumulation_equals_one_big_batch_with_uneven_padding(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    trainer = make_trainer(cfg, pad=True)
+    reference = copy.deepcopy(trainer.model)
+    stream = trainer.objective.stream("train", 3, 0)
+    micro = [next(stream) for _ in range(3)]  # 3 micro-batches of 3 rows
+    counts = [int((b["labels"] != -100).sum()) for b in micro]
+    assert len(set(counts)) == 3, counts  # uneven on purpose
+
+    loss_sum, total, done = trainer.accumulate(micro)
+    assert done == 3 and total == sum(counts)
+
+    # outside reference: one forward on the concatenated batch, mean cross-entropy over scored targets
+    big = {k: torch.cat([b[k] for b in micro]) for k in micro[0]}
+    logits = reference(big["input_ids"])
+    ref_loss = F.cross_entropy(logits.flatten(0, 1), big["labels"].flatten(), ignore_index=-100)
+    ref_loss.backward()
+    assert abs(loss_sum.item() / total - ref_loss.item()) < 1e-6
+    ref_grads = dict(reference.named_parameters())
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-6, rtol=0, msg=name)
+
+    # the naive alternative (mean of per-micro-batch means) gives measurably different gradients here
+    naive = copy.deepcopy(reference)
+    naive.zero_grad()
+    sum(F.cross_entropy(naive(b["input_ids"]).flatten(0, 1), b["labels"].flatten(), ignore_index=-100)
+        for b in micro).div(3).backward()
+    gap = max((p.grad - ref_grads[n].grad).abs().max().item() for n, p in naive.named_parameters())
+    assert gap > 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_torch(dtype):
+    """lm_loss's fused CE == F.cross_entropy(logits.float()) in value and gradient, ignored rows included."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 37, 50, generator=g) * 4  # 111 rows: several chunks and a ragged last one
+    labels = torch.randint(0, 50, (3, 37), generator=g)
+    labels[0, :5] = -100
+    labels[2, -9:] = -100
+    ours_x = base.to(dtype).requires_grad_()
+    ref_x = base.to(dtype).requires_grad_()
+    loss_sum, n = lm_loss(ours_x, labels)
+    ref = F.cross_entropy(ref_x.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    (loss_sum / 7).backward()
+    (ref / 7).backward()
+    assert int(n) == 111 - 14
+    torch.testing.assert_close(loss_sum, ref, rtol=1e-6, atol=1e-4)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16 grads: one rounding of the same fp32 values
+    torch.testing.assert_close(ours_x.grad.float(), ref_x.grad.float(), rtol=0, atol=tol)
+    assert ours_x.grad[0, :5].abs().sum() == 0  # ignored targets get no gradient
+
+def test_fit_writes_run_dir_and_logs(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=8, save_every=3, eval_every=4, tensorboard=True, keep_last=2)
+    trainer = make_trainer(cfg)
+    out = trainer.fit()
+    run = tmp_path / "run"
+    records = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_recs] == list(range(1, 9))
+    assert [r["lr"] for r in train_recs] == pytest.approx([lr_at(s, cfg.train) for s in range(8)])
+    assert train_recs[-1]["loss"] < train_recs[0]["loss"]  # it learns the repeated windows
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 for r in train_recs)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert out["val_ppl"] == pytest.approx(torch.tensor(out["val_loss"]).exp().item())
+    # keep-last-2 of {3, 6, 8}; final weights also at top level, loadable by the store
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-000006", "step-000008"]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    loaded = load_model(run)
+    for (n, a), b in zip(trainer.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert "seed: " in (run / "run.yaml").read_text()
+
+
+class NaNAfter(Synthetic):
+    """Returns a NaN loss from the `bad_call`-th loss() call on."""
+
+    def __init__(self, cfg, bad_call):
+        super().__init__(cfg)
+        self.calls, self.bad_call = 0, bad_call
+
+    def loss(self, model, batch):
+        self.calls += 1
+        loss_sum, n = super().loss(model, batch)
+        return (loss_sum * float("nan") if self.calls >= self.bad_call else loss_sum), n
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=10, save_every=2, grad_accum=2)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, GPT(cfg.model), NaNAfter(cfg, bad_call=10), progress=False)  # step 5, micro 2
+    expected = r"diverged at step 5: loss is nan; last good checkpoint: .*step-000004"
+    with pytest.raises(TrainingError, match=expected):
+        trainer.fit()
+    run = tmp_path / "run"
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-000002", "step-000004"]
+    state = ck.load_state(run / "checkpoints" / "step-000004")
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in ck.load_weights(run / "checkpoints" / "step-000004").values())
+    assert not (run / "model.safetensors").exists()  # no "final" weights from a diverged run
+
+
+def test_max_time_stops_gracefully_with_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=50, max_time=0.0)
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    run = tmp_path / "run"
+    assert trainer.step == 1
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-000001"]
+    assert (run / "model.safetensors").exists()
+
+
+def test_bf16_autocast_and_activation_checkpointing_train(tmp_path):
+    cfg = tiny_cfg(tmp_path, dtype="bf16", activation_checkpointing=True, max_steps=3)
+    trainer = make_trainer(cfg)
+    assert trainer.model.gradient_checkpointing
+    out = trainer.fit()
+    assert out["step"] == 3 and torch.isfinite(torch.tensor(out["loss"]))
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())  # master weights stay fp32
+
+
+# ---------------------------------------------------------------------------------------------
+# `lmforge pretrain` end to end on real shards (tokenizer -> prepare -> pretrain -> load)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from lmforge import tokenizer as tk
+    from lmforge.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("data")
+    words = "the quick brown fox jumps over a lazy dog while seven wise owls sing héllo 世界".split()
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (60,), generator=g))
+            for _ in range(80)]
+    tk.train("bpe", docs, vocab_size=300).save(root / "tok" / "tokenizer.json")
+    prepare([], root / "tok" / "tokenizer.json", root / "shards", documents=docs, val_fraction=0.2,
+            progress=False)
+    return root / "shards"
+
+
+def pretrain_cli(*args):
+    from lmforge.cli import main
+
+    return main(["pretrain", "gpt-tiny", *map(str, args), "--no-progress", "--train.max_steps=4",
+                 "--train.eval_every=2", "--train.tensorboard=false", "--train.device=cpu"])
+
+
+def test_pretrain_cli_end_to_end(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    model = load_model(out)
+    assert model.cfg.vocab_size == 320 and (out / "tokenizer.json").exists()
+    evals = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln]
+    # bits per byte = nats / ln 2 / bytes, with bytes decoded from the evaluated targets
+    last = evals[-1]
+    assert last["val_bpb"] == pytest.approx(last["val_loss"] / math.log(2) / last["val_bytes_per_token"])
+    assert 1.0 < last["val_bytes_per_token"] < 10.0
+    assert "done: step=4" in capsys.readouterr().out
+    # an existing run is not overwritten by accident; --resume continues it
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 2
+    assert "exists and is not empty; pass --resume" in capsys.readouterr().err
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--resume",
+                        "--train.max_steps=6") == 0
+
+
+def test_pretrain_cli_vocab_too_small_is_one_line(shards, tmp_path, capsys):
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "r", "--model.vocab_size=100") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--model.vocab_size=300" in err and err.startswith("error:")
+
+
+def test_pretrain_cli_needs_shards(tmp_path, capsys):
+    assert pretrain_cli("--out", tmp_path / "r") == 2
+    assert "--data.shards" in capsys.readouterr().err
