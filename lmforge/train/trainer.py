@@ -156,6 +156,8 @@ class Trainer:
                 break
         if bar is not None:
             bar.close()
+        if self.last_eval.get("step") != self.step:  # every run ends with a val score
+            self.evaluate()
         ckpt_mod.save_model_files(model, self.tokenizer, self.run_dir)  # final weights at RUN/ top level
         if stopped:
             print(f"stopped at step {self.step}; continue with --resume", file=sys.stderr)
@@ -231,8 +233,8 @@ class Trainer:
         mean = loss_sum / n
         out = {"val_loss": mean, "val_ppl": math.exp(min(mean, 80.0))}
         out.update({f"val_{k}": v for k, v in obj.metrics(batches, loss_sum, n).items()})
-        self.last_eval = out
         self._log({"step": self.step, **out})
+        self.last_eval = {**out, "step": self.step}
         return out
 
     # -----------------------------------------------------------------------------------------
