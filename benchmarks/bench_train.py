@@ -7,15 +7,18 @@ random tokens, so the loss has somewhere to go (from ln V ~ 9.0 towards the unig
 both curves can be compared.
 
 Each side runs at its best setting: ours at the shipped defaults (the gpt-small preset's model, whose
-attn_impl is math, and TrainConfig: bf16 autocast, fused AdamW, chunked CE, no torch.compile); HF
-tries attn_implementation eager|sdpa x fp32|bf16 autocast (x torch.compile with --hf-compile) and
-keeps its fastest, scoring with its own loss. The sides take turns for `--rounds` rounds and each
-keeps its best round, so a noisy neighbour hurts both alike.
+attn_impl is math, and TrainConfig: bf16 autocast, fused AdamW, chunked CE, keep_freed_memory, no
+torch.compile); HF tries attn_implementation eager|sdpa x fp32|bf16 autocast (x torch.compile with
+--hf-compile) and keeps its fastest, scoring with its own loss. Each side runs in its own process
+(so our process-wide allocator setting stays ours unless --hf-keep-freed-memory gives it to HF too);
+the sides take turns for `--rounds` rounds and each keeps its best round, so a noisy neighbour hurts
+both alike.
 
     python benchmarks/bench_train.py                      # everything (HF search without compile)
     python benchmarks/bench_train.py --hf-compile         # also HF + torch.compile (slow to compile)
     python benchmarks/bench_train.py --hf sdpa,bf16       # one HF variant only
     python benchmarks/bench_train.py --ours dtype=fp32    # override one of our TrainConfig knobs
+    python benchmarks/bench_train.py --hf-keep-freed-memory   # HF with our allocator setting too
 
 `--model bert`: our BERT masked LM (objective mlm, MLM logits only at the ~15% masked positions)
 vs transformers.BertForMaskedLM (logits everywhere), 6 layers, 384 dims, 6 heads, FFN 1536, seq 128,
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing as mp
 import platform
 import sys
 import time
@@ -56,7 +60,8 @@ def train_config(**over) -> TrainConfig:
 
 @dataclass
 class Side:
-    """One contestant: `step(window)` runs a full optimizer step on a (B, T+1) window and returns the loss."""
+    """One contestant: `step(window)` runs a full optimizer step on a (B, T+1) window and returns the loss
+    (in the parent process `step` is the pipe to the contestant's worker process)."""
 
     name: str
     step: object
@@ -89,19 +94,48 @@ def ours_gpt(overrides: dict) -> Side:
     cfg = RunConfig(model=model_cfg, data=DataConfig(seq_len=SHAPE["seq"]), train=train_config(**overrides))
     torch.manual_seed(0)
     trainer = Trainer(cfg, GPT(model_cfg), CausalLM(cfg, None), out_dir="/nonexistent", progress=False)
+    step = trainer_step(trainer)
+    t = cfg.train
+    return Side(f"ours GPT (attn {model_cfg.attn_impl}, dtype={t.dtype}, compile={t.compile})",
+                lambda w: step({"input_ids": w[:, :-1], "labels": w[:, 1:]}))
 
-    def step(w: torch.Tensor) -> float:
-        acc, total, _ = trainer.accumulate([{"input_ids": w[:, :-1], "labels": w[:, 1:]}])
+
+def trainer_step(trainer):
+    """One optimizer step through the Trainer's own accumulate + optimizer_step, as fit() runs it."""
+
+    def step(batch: dict) -> float:
+        acc, total, _ = trainer.accumulate([batch])
         loss, _, _ = trainer.optimizer_step(acc, total)
         trainer.step += 1
         return loss
 
-    t = cfg.train
-    return Side(f"ours GPT (attn {model_cfg.attn_impl}, dtype={t.dtype}, compile={t.compile})", step)
+    return step
 
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face GPT-2, the same numbers
+
+
+def hf_step(model, dtype: str, compile_: bool, loss_of):
+    """A full optimizer step for an HF model: `loss_of(fwd, batch)` -> HF's own loss, our AdamW."""
+    t = train_config()
+    opt = build_optimizer(model, t)  # same groups, same fused AdamW
+    fwd = torch.compile(model) if compile_ else model
+    n_step = [0]
+
+    def step(batch) -> float:
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+        with ctx:
+            loss = loss_of(fwd, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        set_lr(opt, lr_at(n_step[0], t))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        n_step[0] += 1
+        return float(loss.detach())
+
+    return step
 
 
 def hf_gpt2(attn: str, dtype: str, compile_: bool) -> Side:
@@ -114,23 +148,11 @@ def hf_gpt2(attn: str, dtype: str, compile_: bool) -> Side:
     torch.manual_seed(0)
     model = GPT2LMHeadModel(hf_cfg).train()
     assert model.config._attn_implementation == attn
-    t = train_config()
-    opt = build_optimizer(model, t)  # same groups, same fused AdamW
-    fwd = torch.compile(model) if compile_ else model
-    n_step = [0]
 
-    def step(w: torch.Tensor) -> float:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-        with ctx:  # HF's own loss path (ForCausalLMLoss: fp32 logits, mean CE), targets pre-shifted
-            loss = fwd(input_ids=w[:, :-1], labels=w[:, :-1], shift_labels=w[:, 1:].contiguous()).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        set_lr(opt, lr_at(n_step[0], t))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        n_step[0] += 1
-        return float(loss)
+    def loss_of(fwd, w):  # HF's own loss path (ForCausalLMLoss: fp32 logits, mean CE), targets pre-shifted
+        return fwd(input_ids=w[:, :-1], labels=w[:, :-1], shift_labels=w[:, 1:].contiguous()).loss
 
+    step = hf_step(model, dtype, compile_, loss_of)
     return Side(f"HF GPT2LMHeadModel ({attn}, {dtype}, compile={compile_})", step)
 
 
@@ -179,15 +201,9 @@ def ours_bert(overrides: dict) -> Side:
     torch.manual_seed(0)
     trainer = Trainer(cfg, BertForPreTraining(model_cfg), MaskedLM(cfg, None), out_dir="/nonexistent",
                       progress=False)
-
-    def step(batch: dict) -> float:
-        acc, total, _ = trainer.accumulate([batch])
-        loss, _, _ = trainer.optimizer_step(acc, total)
-        trainer.step += 1
-        return loss
-
     t = cfg.train
-    return Side(f"ours BERT MLM (attn {model_cfg.attn_impl}, dtype={t.dtype}, compile={t.compile})", step)
+    return Side(f"ours BERT MLM (attn {model_cfg.attn_impl}, dtype={t.dtype}, compile={t.compile})",
+                trainer_step(trainer))
 
 
 def hf_bert(attn: str, dtype: str, compile_: bool) -> Side:
@@ -201,39 +217,40 @@ def hf_bert(attn: str, dtype: str, compile_: bool) -> Side:
     torch.manual_seed(0)
     model = BertForMaskedLM._from_config(hf_cfg, attn_implementation=attn).train()
     assert model.config._attn_implementation == attn
-    t = train_config()
-    opt = build_optimizer(model, t)  # same groups, same fused AdamW
-    fwd = torch.compile(model) if compile_ else model
-    n_step = [0]
 
-    def step(batch: dict) -> float:
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
-        with ctx:
-            # HF's own loss path: (B, T, V) logits at every position, fp32 mean CE over labels != -100
-            loss = fwd(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        set_lr(opt, lr_at(n_step[0], t))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        n_step[0] += 1
-        return float(loss)
+    def loss_of(fwd, batch):  # HF's own loss: (B, T, V) logits everywhere, fp32 mean CE over labels != -100
+        return fwd(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
+    step = hf_step(model, dtype, compile_, loss_of)
     return Side(f"HF BertForMaskedLM ({attn}, {dtype}, compile={compile_})", step)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def measure(side: Side, data: torch.Tensor, steps: int) -> float:
-    """Run `steps` optimizer steps on the side's next windows; tokens/s of this round."""
-    tokens = steps * SHAPE["batch"] * SHAPE["seq"]
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        side.losses.append(side.step(data[len(side.losses)]))
-    tps = tokens / (time.perf_counter() - t0)
-    side.best_tps = max(side.best_tps, tps)
-    return tps
+def worker(conn, model: str, who: tuple, keep_freed: bool, n_batches: int) -> None:
+    """One contestant in its own process: build it, then run the steps the parent asks for.
+
+    Separate processes keep process-wide state apart: our Trainer's allocator setting
+    (train.keep_freed_memory) and the heap each side leaves behind would otherwise leak into the
+    other side's timings.
+    """
+    if model == "bert":
+        SHAPE.update(BERT_SHAPE)
+    if keep_freed:
+        from lmforge.runtime import keep_freed_memory
+
+        keep_freed_memory()
+    ours_fn, hf_fn = (ours_bert, hf_bert) if model == "bert" else (ours_gpt, hf_gpt2)
+    side = ours_fn(*who[1:]) if who[0] == "ours" else hf_fn(*who[1:])
+    data = bert_batches(n_batches) if model == "bert" else zipf_batches(n_batches)
+    conn.send(side.name)
+    done = 0
+    while (steps := conn.recv()) is not None:
+        t0 = time.perf_counter()
+        losses = [side.step(data[done + i]) for i in range(steps)]
+        conn.send((time.perf_counter() - t0, losses))
+        done += steps
 
 
 def parse_value(v: str):
@@ -248,31 +265,49 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hf", default="all", help="'all' or one variant as ATTN,DTYPE e.g. sdpa,bf16")
     ap.add_argument("--hf-compile", action="store_true", help="also try HF variants under torch.compile")
+    ap.add_argument("--hf-keep-freed-memory", action="store_true",
+                    help="give the HF sides our allocator setting too (runtime.keep_freed_memory)")
     ap.add_argument("--ours", action="append", default=[], help="TrainConfig override KEY=VALUE")
     args = ap.parse_args()
 
-    ours_over = dict(kv.split("=", 1) for kv in args.ours)
-    if args.model == "bert":
-        SHAPE.update(BERT_SHAPE)
-    ours_fn, hf_fn = (ours_bert, hf_bert) if args.model == "bert" else (ours_gpt, hf_gpt2)
-    sides = [ours_fn({k: parse_value(v) for k, v in ours_over.items()})]
+    ours_over = {k: parse_value(v) for k, v in (kv.split("=", 1) for kv in args.ours)}
+    who = [("ours", ours_over)]
     variants = [tuple(args.hf.split(","))] if args.hf != "all" else [
         (a, d) for a in ("eager", "sdpa") for d in ("fp32", "bf16")]
     for attn, dtype in variants:
         for comp in (False, True) if args.hf_compile else (False,):
-            sides.append(hf_fn(attn, dtype, comp))
+            who.append(("hf", attn, dtype, comp))
     n_total = args.warmup + args.rounds * args.steps
-    data = bert_batches(n_total) if args.model == "bert" else zipf_batches(n_total)
+    shape = {**SHAPE, **BERT_SHAPE} if args.model == "bert" else SHAPE
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-          f"{torch.__version__}; {SHAPE}; {args.warmup} warmup + {args.rounds} x {args.steps} steps")
-    for side in sides:  # warmup (and compile) outside the timed rounds
-        t0 = time.perf_counter()
-        for _ in range(args.warmup):
-            side.losses.append(side.step(data[len(side.losses)]))
-        print(f"  warmup {side.name}: {time.perf_counter() - t0:.1f}s", flush=True)
+          f"{torch.__version__}; {shape}; {args.warmup} warmup + {args.rounds} x {args.steps} steps; "
+          f"one process per side, HF keep_freed_memory={args.hf_keep_freed_memory}")
+    ctx = mp.get_context("spawn")
+    sides, conns, procs = [], [], []
+    for w in who:
+        parent, child = ctx.Pipe()
+        keep = w[0] == "hf" and args.hf_keep_freed_memory  # ours: the Trainer decides, as in `pretrain`
+        procs.append(ctx.Process(target=worker, args=(child, args.model, w, keep, n_total), daemon=True))
+        procs[-1].start()
+        conns.append(parent)
+    for conn in conns:
+        sides.append(Side(conn.recv(), conn))
+    tokens = shape["batch"] * shape["seq"]
+    for side in sides:  # warmup (and compile) outside the timed rounds, one side at a time
+        side.step.send(args.warmup)
+        secs, losses = side.step.recv()
+        side.losses += losses
+        print(f"  warmup {side.name}: {secs:.1f}s", flush=True)
     for r in range(args.rounds):
-        for side in sides:
-            print(f"  round {r + 1} {side.name}: {measure(side, data, args.steps):,.0f} tokens/s", flush=True)
+        for side in sides:  # one side runs while the others wait on their pipes
+            side.step.send(args.steps)
+            secs, losses = side.step.recv()
+            side.losses += losses
+            side.best_tps = max(side.best_tps, args.steps * tokens / secs)
+            print(f"  round {r + 1} {side.name}: {args.steps * tokens / secs:,.0f} tokens/s", flush=True)
+    for side, p in zip(sides, procs):
+        side.step.send(None)
+        p.join()
 
     ours, hf = sides[0], max(sides[1:], key=lambda s: s.best_tps)
     print(f"\nHF best:  {hf.name}: {hf.best_tps:,.0f} tokens/s")

@@ -106,6 +106,7 @@ class TrainConfig:
     dtype: str = "bf16"  # bf16 (autocast) | fp32
     compile: bool = False
     activation_checkpointing: bool = False
+    keep_freed_memory: bool = True  # CPU: glibc keeps freed blocks (no page faults each step)
     batch_size: int = 16  # micro-batch, sequences
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000

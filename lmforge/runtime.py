@@ -45,9 +45,36 @@ def peak_flops(device: torch.device, dtype: str) -> float:
             if key in name:
                 return val if dtype == "bf16" else val / 2  # tf32 path is roughly half
         return 100e12
-    # CPU: cores * GHz * FLOPs/cycle. AVX-512 fp32 FMA: 2 units * 16 lanes * 2 = 64 FLOP/cycle;
-    # AMX-bf16 is much higher (~1024 FLOP/cycle/core) but rarely reached; we use the AVX-512 figure.
+    # CPU: threads * GHz * FLOPs/cycle/core, AVX-512 figures: fp32 FMA 2 units * 16 lanes * 2 = 64;
+    # bf16 dot products (avx512_bf16 VDPBF16PS) 4x that. A 2-core AVX-512 EPYC reaches ~950 GFLOP/s
+    # in a bf16 GEMM, 74% of this 1.28 TFLOP/s (benchmarks/RESULTS.md). AMX would be higher still.
     cores = torch.get_num_threads()
     ghz = 2.5
-    per_cycle = 64 if dtype == "fp32" else 128
+    per_cycle = 64 if dtype == "fp32" else 256
     return cores * ghz * 1e9 * per_cycle
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A CPU training step allocates hundreds of MB of activations and frees them all at its end. By
+    default glibc serves large blocks with mmap and returns them (munmap, heap trimming), so the next
+    step page-faults every page of them back in: ~75k faults per step for gpt-small, 20-25% of the
+    step (benchmarks/RESULTS.md). Raising the mmap threshold and disabling trimming makes every block
+    come from the heap and stay there: the process keeps its peak memory, which a training run
+    reaches anyway. The Trainer calls this on CPU (train.keep_freed_memory, default on).
+    Process-wide; returns False where it does not apply (not glibc) or was refused.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30)  # blocks up to 1 GiB come from the heap
+    ok &= libc.mallopt(m_trim_threshold, 2**31 - 1)  # never give the heap's free top back
+    return bool(ok)

@@ -68,6 +68,8 @@ class Trainer:
         self.run_dir = Path(out_dir or cfg.train.out_dir)
         self.device = runtime.pick_device(self.t.device)
         self.model = model.to(self.device)
+        if self.device.type == "cpu" and self.t.keep_freed_memory:
+            runtime.keep_freed_memory()
         self.objective = objective
         self.tokenizer = tokenizer if tokenizer is not None else getattr(objective, "tokenizer", None)
         self.progress = progress
