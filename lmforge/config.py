@@ -128,6 +128,8 @@ class TrainConfig:
     peak_flops: float | None = None  # per device, for MFU; None = detect
     mlm_prob: float = 0.15
     whole_word_mask: bool = False
+    nsp_weight: int | None = None  # mlm,nsp: targets one NSP pair counts as; None = round(mlm_prob * seq_len)
+    short_seq_prob: float = 0.1  # mlm,nsp: share of documents whose pairs aim at a random shorter length
     tensorboard: bool = True
 
     def __post_init__(self) -> None:
@@ -137,6 +139,10 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.nsp_weight is not None and self.nsp_weight < 1:
+            raise ConfigError(f"train.nsp_weight must be >= 1 (or null: the default), got {self.nsp_weight}")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ConfigError(f"train.short_seq_prob must be in [0, 1], got {self.short_seq_prob}")
 
 
 @dataclass

@@ -21,30 +21,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 V, T = 96, 10  # vocab, sequence length of the random inputs
-BERT = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    max_position_embeddings=48,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
-LLAMA = dict(
-    vocab_size=V,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    rms_norm_eps=1e-6,
-    rope_theta=500.0,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-)
+
+
+def tiny(d_model: int, d_ff: int, max_pos: int, **extra) -> dict:
+    """HF config kwargs (BertConfig / LlamaConfig names) of a 2-layer, 4-head model over vocab V."""
+    return dict(vocab_size=V, hidden_size=d_model, intermediate_size=d_ff, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=max_pos, **extra)
+
+
+BERT = tiny(32, 64, 48, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+LLAMA = tiny(64, 96, 64, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=500.0,
+             bos_token_id=None, eos_token_id=None, pad_token_id=None)
 # name -> (HF class, config class, config kwargs, Auto class that must load our export)
 CASES = {
     "bert-pretraining": ("BertForPreTraining", "BertConfig", BERT, "AutoModelForPreTraining"),

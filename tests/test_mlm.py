@@ -1,4 +1,5 @@
-"""MLM / NSP batches: pinned literal masks, 15% and 80/10/10 statistics, whole words, NSP pairs, resume."""
+"""MLM / NSP batches: pinned literal masks, 15% and 80/10/10 statistics, whole words, NSP pairs, resume,
+weighted NSP loss and exact accumulation."""
 
 import numpy as np
 import pytest
@@ -144,6 +145,29 @@ def test_nsp_true_pair_is_contiguous():
             assert b == [900, 901, 1]
 
 
+def test_short_seq_prob_aims_some_documents_at_shorter_pairs():
+    docs, max_len = _docs(), 48
+
+    def lengths(p):
+        out = []
+        for d, segs in enumerate(docs):
+            rng = np.random.default_rng([0, d])  # per document, as NSPStream seeds it
+            other = lambda exclude: docs[(exclude + 1 + int(rng.integers(len(docs) - 1))) % len(docs)]  # noqa: B023
+            out += [len(a) + len(b) for a, b, _ in nsp_pairs(d, segs, other, rng, max_len, short_seq_prob=p)]
+        return out
+
+    full, short = lengths(0.0), lengths(1.0)
+    assert max(short) <= max_len - 3 and max(lengths(0.1)) <= max_len - 3  # truncation stays at max_len
+    assert np.mean(short) < 0.75 * np.mean(full)  # every document aims at a random length in [2, 45]
+    assert len(short) > len(full)  # shorter chunks: more pairs from the same text
+
+
+def test_short_seq_prob_reaches_the_stream(shards):
+    a = next(objective(shards, "mlm,nsp", short_seq_prob=0.0).stream("train", 16, seed=0))
+    b = next(objective(shards, "mlm,nsp", short_seq_prob=1.0).stream("train", 16, seed=0))
+    assert b["attention_mask"].sum() < a["attention_mask"].sum()
+
+
 @pytest.mark.parametrize("mlm_prob", [0.15, 0.3])
 def test_mask_is_deterministic_for_a_seed(mlm_prob):
     ids = torch.randint(5, 40, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -266,12 +290,86 @@ def test_loss_is_sum_over_targets_and_matches_full_logits(shards, name):
             nsp = torch.nn.functional.cross_entropy(out.nsp_logits, batch["next_sentence_label"],
                                                     reduction="sum")
             assert abs(nsp.item() / 4 - np.log(2)) < 0.2  # untrained: about ln(2) per pair
-            ref = ref + nsp
+            w = obj.nsp_weight
+            assert w == round(0.15 * 32)  # default: round(mlm_prob * seq_len) targets per pair
+            ref = ref + w * nsp
     torch.testing.assert_close(loss.detach(), ref, rtol=1e-5, atol=1e-4)
     n_mlm = (batch["labels"] != IGNORE).sum().item()
-    assert int(n) == n_mlm + (4 if name == "mlm,nsp" else 0)  # every masked token and every pair once
-    mlm_mean = (ref - (nsp if name == "mlm,nsp" else 0)).item() / n_mlm
+    assert int(n) == n_mlm + (4 * w if name == "mlm,nsp" else 0)  # every masked token once, pairs w times
+    mlm_mean = (ref - (w * nsp if name == "mlm,nsp" else 0)).item() / n_mlm
     assert abs(mlm_mean - np.log(model.cfg.vocab_size)) < 0.5  # untrained: about ln(V)
+
+
+def full_batch(batches: list[dict], pad_id: int) -> dict:
+    """NSP micro-batches (each padded to its own longest row) -> one batch padded to the longest of all."""
+    T = max(b["input_ids"].shape[1] for b in batches)
+    fill = {"input_ids": pad_id, "labels": IGNORE, "token_type_ids": 0, "attention_mask": 0}
+    out = {k: torch.cat([torch.nn.functional.pad(b[k], (0, T - b[k].shape[1]), value=v) for b in batches])
+           for k, v in fill.items()}
+    out["next_sentence_label"] = torch.cat([b["next_sentence_label"] for b in batches])
+    return out
+
+
+def test_nsp_weight_n_mlm_over_pairs_gives_half_the_bert_pretraining_loss(shards):
+    """With w = n_mlm / n_pairs, loss_sum / n = (mean MLM CE + mean NSP CE) / 2 (HF's loss / 2)."""
+    F = torch.nn.functional
+    stream = objective(shards, "mlm,nsp").stream("train", 4, seed=0)
+    batch = next(b for b in take(stream, 20) if int((b["labels"] != IGNORE).sum()) % 4 == 0)
+    n_mlm = int((batch["labels"] != IGNORE).sum())
+    obj = objective(shards, "mlm,nsp", nsp_weight=n_mlm // 4)
+    assert obj.nsp_weight == n_mlm // 4 > 1
+    torch.manual_seed(0)
+    model = obj.build_model().eval()
+    with torch.no_grad():
+        loss, n = obj.loss(model, batch)
+        out = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        mean_mlm = F.cross_entropy(out.mlm_logits.flatten(0, 1), batch["labels"].flatten())  # ignores -100
+        mean_nsp = F.cross_entropy(out.nsp_logits, batch["next_sentence_label"])
+    assert int(n) == 2 * n_mlm == obj.count_targets(batch)
+    torch.testing.assert_close(loss / n, (mean_mlm + mean_nsp) / 2, rtol=1e-5, atol=1e-5)
+
+
+def test_nsp_config_fields_are_checked():
+    from lmforge.config import load_config
+    from lmforge.errors import ConfigError
+
+    train = load_config("bert-tiny").train
+    assert (train.nsp_weight, train.short_seq_prob) == (None, 0.1)
+    with pytest.raises(ConfigError, match="train.nsp_weight must be >= 1"):
+        load_config("bert-tiny", ["--train.nsp_weight=0"])
+    with pytest.raises(ConfigError, match=r"train.short_seq_prob must be in \[0, 1\]"):
+        load_config("bert-tiny", ["--train.short_seq_prob=1.5"])
+
+
+def test_weighted_nsp_accumulation_equals_one_big_batch(shards):
+    """Trainer.accumulate over uneven mlm,nsp micro-batches == one forward / backward on their union."""
+    import copy
+
+    from lmforge.train.trainer import Trainer
+
+    F = torch.nn.functional
+    obj = objective(shards, "mlm,nsp", device="cpu", nsp_weight=3)
+    torch.manual_seed(0)
+    trainer = Trainer(obj.cfg, obj.build_model(), obj, progress=False)
+    reference = copy.deepcopy(trainer.model)
+    micro = take(obj.stream("train", 3, seed=0), 3)
+    counts = [obj.count_targets(b) for b in micro]
+    assert len(set(counts)) > 1 and any((b["attention_mask"] == 0).any() for b in micro), counts  # uneven
+
+    loss_sum, total, done = trainer.accumulate(micro)
+    assert done == 3 and total == sum(counts)
+
+    big = full_batch(micro, obj.tokenizer.pad_id)
+    out = reference(big["input_ids"], big["token_type_ids"], big["attention_mask"])
+    n_mlm = int((big["labels"] != IGNORE).sum())
+    sum_mlm = F.cross_entropy(out.mlm_logits.flatten(0, 1), big["labels"].flatten(), reduction="sum")
+    sum_nsp = F.cross_entropy(out.nsp_logits, big["next_sentence_label"], reduction="sum")
+    ref = (sum_mlm + 3 * sum_nsp) / (n_mlm + 3 * 9)  # 9 pairs, each counted as 3 targets
+    ref.backward()
+    assert abs(loss_sum.item() / total - ref.item()) < 1e-5
+    ref_grads = dict(reference.named_parameters())
+    for name, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_mlm_objective_rejects_a_gpt():

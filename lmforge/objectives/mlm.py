@@ -15,15 +15,24 @@ Examples:
     mlm,nsp   [CLS] A [SEP] B [SEP] built per document (`nsp_pairs`): a document is cut into
               segments at sentence-ending tokens (". ! ?"; over-long sentences into fixed chunks
               of (max_len - 3) // 2 tokens); consecutive segments are gathered into a chunk of up
-              to max_len - 3 tokens and split at a random segment boundary into A and B. With
-              probability 1/2 B is replaced by segments from a random *other* document (label 1,
-              HF's convention; 0 = B really follows A). The pair is truncated longest-first from
-              the end to fit; segment ids are 0 for [CLS] A [SEP], 1 for B [SEP]; batches are
-              padded with [PAD] to the longest example and carry an attention mask.
+              to max_len - 3 tokens (for a fraction train.short_seq_prob of the documents, 0.1 as
+              in BERT, up to a random length in [2, max_len - 3] instead) and split at a random
+              segment boundary into A and B. With probability 1/2 B is replaced by segments from a
+              random *other* document (label 1, HF's convention; 0 = B really follows A). The pair
+              is truncated longest-first from the end to fit; segment ids are 0 for [CLS] A [SEP],
+              1 for B [SEP]; batches are padded with [PAD] to the longest example and carry an
+              attention mask.
 
-Loss (`loss`): sum of MLM cross-entropy over selected tokens (+ sum of NSP cross-entropy over
-pairs), and n_targets = number of selected tokens (+ number of pairs): every target counts
-once, so the Trainer's sum / n over an accumulation cycle equals the big-batch loss exactly.
+Loss (`loss`): mlm: (sum of MLM cross-entropy over the selected tokens, n = selected tokens).
+mlm,nsp: each pair counts as `w` targets, w = train.nsp_weight, by default round(mlm_prob *
+seq_len) (19 at seq 128, 77 at 512: about the tokens a full-length pair gets selected, and close
+to BERT's max_predictions_per_seq of 20 / 76):
+    loss_sum = sum_mlm + w * sum_nsp,    n = n_mlm + w * n_pairs.
+With w = n_mlm / n_pairs, loss_sum / n = (mean_mlm + mean_nsp) / 2, half of HF BertForPreTraining's
+`mean MLM CE + mean NSP CE`: the two tasks weigh alike (w = 1 would give NSP ~1/20 of its weight).
+w is a constant known before the forward (`count_targets`), so every target keeps a fixed weight
+and the Trainer's sum / n over an accumulation cycle still equals the big-batch loss exactly, which
+a per-batch mean of means would not.
 
 Streams are deterministic for (seed, rank, world_size) and resumable: their state is a few
 integers, and each batch's masking uses a generator seeded from (seed, rank, batch index).
@@ -150,14 +159,21 @@ def nsp_pairs(
     random_segments,
     rng: np.random.Generator,
     max_len: int,
+    short_seq_prob: float = 0.0,
 ) -> list[tuple[list[int], list[int], int]]:
     """Pairs (A, B, label) from one document's segments; label 0 = B follows A, 1 = B is random.
 
     random_segments(exclude) -> segments of a random document other than `exclude`.
-    As BERT's create_pretraining_data: chunks of consecutive segments up to max_len - 3 tokens
-    are split at a random boundary; a random B's unused segments go back to the document.
+    As BERT's create_pretraining_data: chunks of consecutive segments up to a target of max_len - 3
+    tokens are split at a random boundary; a random B's unused segments go back to the document.
+    With probability short_seq_prob the document's target is a uniform length in [2, max_len - 3]
+    instead (shorter sequences, so the model also sees lengths it meets at fine-tuning time); pairs
+    are always truncated to max_len - 3. short_seq_prob=0 draws nothing extra from `rng`.
     """
-    target = max_len - 3  # [CLS] A [SEP] B [SEP]
+    max_tokens = max_len - 3  # [CLS] A [SEP] B [SEP]
+    target = max_tokens
+    if short_seq_prob > 0 and rng.random() < short_seq_prob:
+        target = int(rng.integers(2, max_tokens + 1))
     out = []
     chunk: list[list[int]] = []
     i = 0
@@ -180,7 +196,7 @@ def nsp_pairs(
             else:
                 label = 0
                 b = [t for s in chunk[a_end:] for t in s]
-            a, b = truncate_pair(a, b, target)
+            a, b = truncate_pair(a, b, max_tokens)
             if a and b:
                 out.append((a, b, label))
             chunk = []
@@ -307,11 +323,13 @@ class NSPStream:
     current document already used, batches), so resume regenerates the current document exactly."""
 
     def __init__(self, docs: SplitDocuments, masker: Masker, tokenizer, max_len: int, batch_size: int,
-                 seed: int, rank: int, world_size: int, shuffle: bool, split: str):
+                 seed: int, rank: int, world_size: int, shuffle: bool, split: str,
+                 short_seq_prob: float = 0.0):
         if len(docs) < 2:
             raise DataError(f"next-sentence prediction needs >= 2 documents in the {split!r} split, "
                             f"found {len(docs)}; use objective mlm or more documents")
         self.docs, self.masker, self.max_len, self.batch_size = docs, masker, max_len, batch_size
+        self.short_seq_prob = short_seq_prob
         self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         self.code = _split_code(split)
@@ -332,7 +350,8 @@ class NSPStream:
             j = int(rng.integers(len(self.docs) - 1))
             return self.docs.segments(j + (j >= exclude)) or [[self.sep_id]]
 
-        return nsp_pairs(doc, self.docs.segments(doc), random_segments, rng, self.max_len)
+        segments = self.docs.segments(doc)
+        return nsp_pairs(doc, segments, random_segments, rng, self.max_len, self.short_seq_prob)
 
     def _next_pair(self) -> tuple[list[int], list[int], int]:
         empty_docs = 0
@@ -410,17 +429,18 @@ class MaskedLM(Objective):
         tok = self.tokenizer
         return MLMStream(windows, self.masker(), tok.cls_id, tok.sep_id, seed, rank, split)
 
-    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _forward_mlm(self, model: nn.Module, batch: dict[str, Tensor]):
+        """One forward: (model output, summed MLM cross-entropy, number of selected tokens)."""
         labels = batch["labels"]  # (B, T)
         pos = labels != IGNORE_INDEX
         out = model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
                     attention_mask=batch.get("attention_mask"), mlm_positions=pos)
         loss = F.cross_entropy(out.mlm_logits.float(), labels[pos], reduction="sum")  # (N, V) vs (N,)
-        if "next_sentence_label" in batch:
-            nsp = batch["next_sentence_label"]  # (B,)
-            loss = loss + F.cross_entropy(out.nsp_logits.float(), nsp, reduction="sum")
-            return loss, pos.sum() + nsp.numel()
-        return loss, pos.sum()
+        return out, loss, pos.sum()
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        _, loss, n = self._forward_mlm(model, batch)
+        return loss, n
 
     def n_tokens(self, batch: dict[str, Tensor]) -> int:
         am = batch.get("attention_mask")
@@ -440,7 +460,22 @@ class MaskedLMWithNSP(MaskedLM):
         enders = {i for i in (tok.token_to_id(t) for t in SENTENCE_END) if i is not None}
         docs = SplitDocuments(self.cfg.data.shards, split, enders, max_piece=(self.seq_len - 3) // 2)
         return NSPStream(docs, self.masker(), tok, self.seq_len, batch_size, seed, rank, world_size,
-                         shuffle=split == "train", split=split)
+                         shuffle=split == "train", split=split, short_seq_prob=self.cfg.train.short_seq_prob)
+
+    @property
+    def nsp_weight(self) -> int:
+        """Targets one NSP pair counts as: train.nsp_weight, else round(mlm_prob * seq_len) (>= 1)."""
+        w = self.cfg.train.nsp_weight
+        return max(1, round(self.cfg.train.mlm_prob * self.seq_len)) if w is None else int(w)
+
+    def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(sum_mlm + w * sum_nsp, n_mlm + w * n_pairs), w = nsp_weight (module docstring)."""
+        out, mlm_sum, n_mlm = self._forward_mlm(model, batch)
+        nsp = batch["next_sentence_label"]  # (B,)
+        nsp_sum = F.cross_entropy(out.nsp_logits.float(), nsp, reduction="sum")  # (B, 2) vs (B,)
+        w = self.nsp_weight
+        return mlm_sum + w * nsp_sum, n_mlm + w * nsp.numel()
 
     def count_targets(self, batch: dict[str, Tensor]) -> int:
-        return int((batch["labels"] != IGNORE_INDEX).sum()) + batch["next_sentence_label"].numel()
+        n_mlm = int((batch["labels"] != IGNORE_INDEX).sum())
+        return n_mlm + self.nsp_weight * batch["next_sentence_label"].numel()
