@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/bench_prepare.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
