@@ -149,11 +149,13 @@ class Trainer:
                 if last:
                     bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
                                     mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
+            pause = time.monotonic()
             if t.eval_every > 0 and self.step % t.eval_every == 0:
                 self.evaluate()
             stopped = self.step < t.max_steps and self._stop_requested(start, self.step, 0)
             if self.step % t.save_every == 0 or stopped or self.step == t.max_steps:
                 self._save(stream.state_dict(), micro=0, loss_acc=0.0)
+            tick += time.monotonic() - pause  # tokens/s counts training time only, not eval or saving
             if stopped:
                 break
         if bar is not None:
