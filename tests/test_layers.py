@@ -142,12 +142,13 @@ def test_kv_cache_overflow():
         c.update(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
 
 
-def test_int8_linear_matches_dequantized_reference():
+@pytest.mark.parametrize("d_in", [64, 24, 40])  # the fused CPU kernel needs d_in % 16 == 0: else a fallback
+def test_int8_linear_matches_dequantized_reference(d_in):
     from lmforge.models.layers import Int8Linear
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 48)
+    lin = torch.nn.Linear(d_in, 48)
     q = Int8Linear(lin)
-    x = torch.randn(2, 5, 64)
+    x = torch.randn(2, 5, d_in)
     w = q.weight_int8.float() * q.scale.float()[:, None]  # dequantized (out, in)
     assert (w - lin.weight).abs().max() <= lin.weight.abs().max() / 127  # half a step of the largest scale
     ref = F.linear(x.bfloat16().float(), w, q.bias.float())

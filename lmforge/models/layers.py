@@ -305,8 +305,9 @@ class Block(nn.Module):
 class Int8Linear(nn.Module):
     """y = x @ (w_int8 * scale)^T + b, per-output-channel symmetric int8 weights, bf16 activations.
 
-    Built from a trained nn.Linear by `quantize_int8_`; inference only. Uses the fused CPU kernel
-    `aten._weight_int8pack_mm` when available, else dequantizes on the fly.
+    Built from a trained nn.Linear by `quantize_int8_`; inference only. On CPU it uses the fused
+    kernel `aten._weight_int8pack_mm`, which reads past the row (garbage, or a crash) unless
+    in_features is a multiple of 16; other shapes and devices dequantize on the fly.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -320,7 +321,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (N, in)
-        if x2.device.type == "cpu":
+        if x2.device.type == "cpu" and self.in_features % 16 == 0:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight_int8, self.scale)
         else:
             y = x2 @ (self.weight_int8.to(x2.dtype) * self.scale[:, None]).T
