@@ -217,7 +217,9 @@ class Attention(nn.Module):
         # a single new query may see every cached key
         is_causal = self.causal and mask is None and T > 1
         dropout = self.dropout if self.training else 0.0
-        if self.impl == "sdpa":
+        # one new query against a KV cache (decoding): SDPA's kernel is ~2x faster than the math path
+        # here whatever attn_impl says (the math choice pays off on training-sized T x T scores)
+        if self.impl == "sdpa" or (cache is not None and T == 1):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=nkv != nh
             )  # (B, nh, T, hs)
