@@ -5,15 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge.objectives.mlm import (
-    IGNORE,
-    encode_pair,
-    mask_tokens,
-    nsp_pairs,
-    pad_batch,
-    split_segments,
-    truncate_pair,
-)
+from lmforge.objectives.mlm import IGNORE, mask_tokens
+from lmforge.objectives.nsp import encode_pair, nsp_pairs, pad_batch, split_segments, truncate_pair
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 SPECIAL = torch.tensor([PAD, CLS, SEP, MASK])

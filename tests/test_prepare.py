@@ -11,7 +11,8 @@ from tokenizers import Tokenizer as HF
 from tokenizers import models, pre_tokenizers
 
 from lmforge.cli import main
-from lmforge.data.prepare import Encoder, check_fast_path, fast_encoding, prepare
+from lmforge.data.fastencode import Encoder, check_fast_path, fast_encoding
+from lmforge.data.prepare import prepare
 from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.tokenizer import Tokenizer, train
 

@@ -16,7 +16,7 @@ Init as BERT: N(0, init_std) for every Linear / Embedding, zero biases, unit nor
     none      encoder + pooler          (BertModel: imported sentence encoders, `lmforge embed`)
 The store's registry builds `BertForPreTraining` for family bert; `heads` decides its parts.
 
-Parameter names (what model.safetensors holds; convert.py maps HF names onto these):
+Parameter names (what model.safetensors holds; convert_names.py maps HF names onto these):
     tok_emb.weight (V, d)   pos_emb.weight (max_seq_len, d)   type_emb.weight (type_vocab_size, d)
     emb_ln.{weight,bias}                               LayerNorm after the embedding sum
     blocks.N.attn.qkv.{weight,bias}  (3 d, d)          rows [q; k; v]

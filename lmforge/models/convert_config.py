@@ -8,7 +8,7 @@
     all               vocab_size tie_word_embeddings
 Variants lmforge does not implement (rope scaling, attention / MLP biases in Llama, relative positions,
 cross-attention, other activations) are CheckpointErrors naming the key, never silently ignored.
-The parameter names live in convert.py; this file knows only config keys.
+The parameter names live in convert_names.py; this file knows only config keys.
 
     >>> config_from_hf({"architectures": ["GPT2LMHeadModel"], "vocab_size": 50257, "n_positions": 1024,
     ...                 "n_embd": 768, "n_layer": 12, "n_head": 12}).d_ff

@@ -10,7 +10,7 @@ GPT-2 flavour (configs/gpt2-124m.yaml)         Llama flavour (configs/llama-100m
 Both: pre-norm blocks, a final norm `ln_f`, causal attention via SDPA (or the explicit math),
 GPT-2 init (N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)), no dropout by default.
 
-Parameter names (what model.safetensors holds; convert.py maps HF names onto these):
+Parameter names (what model.safetensors holds; convert_names.py maps HF names onto these):
     tok_emb.weight                 (vocab_size, d_model)
     pos_emb.weight                 (max_seq_len, d_model)            pos=learned only
     blocks.N.ln1.{weight,bias}     norm before attention             bias only with LayerNorm + bias
