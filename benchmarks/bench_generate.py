@@ -3,10 +3,12 @@
 Both models are built here with random weights from the same config (no download):
 lmforge `GPT` + `lmforge.generate.generate(temperature=0)` against `transformers.GPT2LMHeadModel
 .generate(do_sample=False, use_cache=True)`, a 16-token prompt, 256 new tokens, best of N runs
-after a warm-up. Ours runs in fp32, bf16 weights and int8 weights; the quality cost is reported as
-top-1 agreement and max |logit diff| against the fp32 model on the same teacher-forced sequence,
-and how many greedy tokens equal the fp32 ones before the first difference. int8 = weight-only
-int8 Linear layers (per-channel scales) with bf16 activations (`layers.quantize_int8_`).
+after a warm-up. Ours runs as `lmforge generate --dtype fp32|bf16|int8` does on a CPU: fp32 and bf16
+with every Linear weight pre-packed for oneDNN (`layers.pack_linears_`), int8 = weight-only int8
+Linear layers (per-channel scales) with bf16 activations (`layers.quantize_int8_`); and, for
+reference, the fp32 model with plain nn.Linear layers as trained. The quality cost is reported as
+top-1 agreement and max |logit diff| against that plain fp32 model on the same teacher-forced
+sequence, and how many greedy tokens equal its tokens before the first difference.
 
     $ .venv/bin/python benchmarks/bench_generate.py                      # gpt-small and gpt2-124m
     $ .venv/bin/python benchmarks/bench_generate.py --configs gpt-small --repeats 5 --append
@@ -25,7 +27,7 @@ import torch
 from lmforge.config import load_config
 from lmforge.generate import generate
 from lmforge.models.gpt import GPT
-from lmforge.models.layers import quantize_int8_
+from lmforge.models.layers import pack_linears_, quantize_int8_
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 MACHINE = "2-core x86-64 CPU, AVX-512/AMX, no GPU"
@@ -86,15 +88,19 @@ def bench(preset: str, prompt_len: int, new: int, repeats: int) -> dict:
         assert len(out) == new
         seqs[key] = p + out
 
-    row["ours_fp32"] = new / best_time(lambda: run_ours(ours, "fp32"), repeats)
-    for mode in ("bf16", "int8"):
+    row["ours_plain"] = new / best_time(lambda: run_ours(ours, "plain"), repeats)  # nn.Linear as trained
+    for mode in ("fp32", "bf16", "int8"):  # as `lmforge generate --dtype MODE` runs on a CPU
         low = GPT(cfg).eval()
         low.load_state_dict(ours.state_dict())
-        low = quantize_int8_(low) if mode == "int8" else low.to(torch.bfloat16)
+        if mode == "int8":
+            low = quantize_int8_(low)
+        else:
+            low = low.to(torch.bfloat16 if mode == "bf16" else torch.float32)
+            assert pack_linears_(low)
         row[f"ours_{mode}"] = new / best_time(lambda m=low, k=mode: run_ours(m, k), repeats)
-        row[f"{mode}_top1"], row[f"{mode}_maxdiff"] = quality(ours, low, seqs["fp32"])
-        row[f"{mode}_same"] = next((i for i, (a, b) in enumerate(zip(seqs["fp32"], seqs[mode])) if a != b),
-                                   len(seqs["fp32"])) - prompt_len
+        row[f"{mode}_top1"], row[f"{mode}_maxdiff"] = quality(ours, low, seqs["plain"])
+        row[f"{mode}_same"] = next((i for i, (a, b) in enumerate(zip(seqs["plain"], seqs[mode])) if a != b),
+                                   len(seqs["plain"])) - prompt_len
         del low
     return row
 
@@ -117,20 +123,20 @@ def main() -> None:
         f"batch 1, {args.prompt_len}-token prompt, {args.new} new tokens, greedy, KV cache, best of "
         f"{args.repeats} after a warm-up. New tokens/s (prefill included).",
         "",
-        "| config | HF fp32 | ours fp32 | ours bf16 | ours int8 | fp32/HF | bf16/HF | int8/HF "
-        "| bf16 vs fp32: top-1, max abs logit diff, greedy tokens equal before 1st diff "
-        "| int8 vs fp32: same |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | HF fp32 | ours fp32 nn.Linear | ours fp32 | ours bf16 | ours int8 | fp32/HF | bf16/HF "
+        "| int8/HF | vs fp32 nn.Linear (top-1, max abs logit diff, greedy tokens equal before 1st diff):"
+        " fp32 | bf16 | int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for preset in args.configs:
         r = bench(preset, args.prompt_len, args.new, args.repeats)
         hf = r["hf_fp32"]
         q = {m: f"{r[m + '_top1']:.3f}, {r[m + '_maxdiff']:.3f}, {r[m + '_same']}/{args.new}"
-             for m in ("bf16", "int8")}
-        line = (f"| {preset} | {hf:.0f} | {r['ours_fp32']:.0f} | {r['ours_bf16']:.0f} | "
-                f"{r['ours_int8']:.0f} | "
+             for m in ("fp32", "bf16", "int8")}
+        line = (f"| {preset} | {hf:.0f} | {r['ours_plain']:.0f} | {r['ours_fp32']:.0f} | "
+                f"{r['ours_bf16']:.0f} | {r['ours_int8']:.0f} | "
                 f"{r['ours_fp32'] / hf:.2f}x | {r['ours_bf16'] / hf:.2f}x | {r['ours_int8'] / hf:.2f}x | "
-                f"{q['bf16']} | {q['int8']} |")
+                f"{q['fp32']} | {q['bf16']} | {q['int8']} |")
         print(line, flush=True)
         lines.append(line)
     text = "\n".join(lines)

@@ -260,7 +260,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.api import load
     from lmforge.runtime import pick_device
 
-    model, tok = load(args.run_dir, device=pick_device(args.device), dtype=args.dtype)
+    device = pick_device(args.device)
+    model, tok = load(args.run_dir, device=device, dtype=args.dtype, pack=device.type == "cpu")
     if model.cfg.family != "gpt":
         raise ConfigError(f"{args.run_dir} holds a {model.cfg.family} model; generate needs a gpt run dir "
                           "(use fill-mask or embed for encoders)")

@@ -167,6 +167,22 @@ class _CharTok:
         return bytes(ids).decode("utf-8", errors="replace")
 
 
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_packed_weights_generate_the_same_tokens(flavour):
+    import copy
+
+    from lmforge.models.layers import pack_linears_
+    m = _model(flavour)
+    packed = copy.deepcopy(m)
+    assert pack_linears_(packed)
+    assert type(packed.head).__name__ == "PackedLinear" and type(m.head).__name__ == "Linear"
+    prompts = [[5, 17, 3, 88, 41], [60], [11, 12, 13]]  # left-padded batch and single rows
+    assert generate(packed, prompts, max_new_tokens=15, temperature=0) == generate(
+        m, prompts, max_new_tokens=15, temperature=0)
+    assert generate(packed, prompts[:1], max_new_tokens=10, seed=3, top_p=0.9) == generate(
+        m, prompts[:1], max_new_tokens=10, seed=3, top_p=0.9)
+
+
 def test_text_stream_utf8_and_stop_strings():
     text = "héllo 🙂 wörld"
     pieces = []
@@ -200,7 +216,10 @@ def test_cli_and_api(tmp_path, capsys):
     cli_text = capsys.readouterr().out
     model, tok2 = api.load(run)
     text = api.generate(model, tok2, "the cat", max_new_tokens=6, temperature=0)
-    assert cli_text == text + "\n"
+    assert cli_text == text + "\n"  # the CLI packs the Linear weights on CPU: same tokens
+    packed, _ = api.load(run, pack=True)
+    assert type(packed.blocks[0].mlp.fc).__name__ == "PackedLinear"
+    assert api.generate(packed, tok2, "the cat", max_new_tokens=6, temperature=0) == text
     ids = generate(model, [tok.encode("the cat")], max_new_tokens=6, temperature=0, eos_id=tok.eos_id)[0]
     assert text == tok.decode(ids)
     both = api.generate(model, tok2, ["the cat", "a"], max_new_tokens=4, temperature=0, stop=[text[2:4]])

@@ -153,3 +153,21 @@ def test_int8_linear_matches_dequantized_reference(d_in):
     assert (w - lin.weight).abs().max() <= lin.weight.abs().max() / 127  # half a step of the largest scale
     ref = F.linear(x.bfloat16().float(), w, q.bias.float())
     torch.testing.assert_close(q(x).float(), ref, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_equals_linear(dtype, bias):
+    from lmforge.models.layers import PackedLinear
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 40, bias=bias).to(dtype)
+    packed = PackedLinear(lin)
+    for x in (torch.randn(1, 48), torch.randn(3, 5, 48)):  # a decoding row; a (B, T, C) prefill
+        x = x.to(dtype)
+        with torch.no_grad():
+            want = lin(x)
+        got = packed(x)
+        assert got.shape == want.shape and got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 1e-2  # fp32: another summation order
+        torch.testing.assert_close(got, want, atol=tol, rtol=0)
+    assert not list(packed.parameters())  # inference only: nothing to train or save
