@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--peak", type=float, default=None, help="peak FLOP/s of the device (default: detect)")
     args = ap.parse_args()
 
+    import bench_train  # the Trainer step both benchmarks time (same folder)
+
     from lmforge.models.gpt import GPT
     from lmforge.objectives.clm import CausalLM
     from lmforge.train.trainer import Trainer
@@ -57,12 +59,11 @@ def main() -> None:
     dev = trainer.device
     ids = torch.randint(0, model_cfg.vocab_size, (args.warmup + args.steps, args.batch, seq + 1))
 
+    trainer_step = bench_train.trainer_step(trainer)  # returns a float: syncs the device
+
     def step(i: int) -> float:
         w = ids[i].to(dev)
-        acc, total, _ = trainer.accumulate([{"input_ids": w[:, :-1], "labels": w[:, 1:]}])
-        loss, _, _ = trainer.optimizer_step(acc, total)  # returns a float: syncs the device
-        trainer.step += 1
-        return loss
+        return trainer_step({"input_ids": w[:, :-1], "labels": w[:, 1:]})
 
     for i in range(args.warmup):
         step(i)

@@ -139,15 +139,13 @@ def hf_step(model, dtype: str, compile_: bool, loss_of):
 
 
 def hf_gpt2(attn: str, dtype: str, compile_: bool) -> Side:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from bench_quality import hf_config  # the one GPT2Config of our preset's network (same folder)
+    from transformers import GPT2LMHeadModel
 
-    hf_cfg = GPT2Config(vocab_size=SHAPE["vocab"], n_positions=SHAPE["seq"], n_embd=SHAPE["d_model"],
-                        n_layer=SHAPE["n_layer"], n_head=SHAPE["n_head"], resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0)
-    hf_cfg._attn_implementation = attn
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(hf_cfg).train()
+    model = GPT2LMHeadModel(hf_config(gpt_model_config(), SHAPE["seq"], attn)).train()
     assert model.config._attn_implementation == attn
+    model.loss_type = "ForCausalLM"  # what HF picks anyway, said explicitly (no "unrecognized" warning)
 
     def loss_of(fwd, w):  # HF's own loss path (ForCausalLMLoss: fp32 logits, mean CE), targets pre-shifted
         return fwd(input_ids=w[:, :-1], labels=w[:, :-1], shift_labels=w[:, 1:].contiguous()).loss
