@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmforge import kernels
 from lmforge.config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         else:
-            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+            h = kernels.gelu_tanh(h) if self.kind == "gelu_tanh" else F.gelu(h)
         return self.dropout(self.proj(h))
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge import runtime
+from lmforge import kernels, runtime
 from lmforge.config import RunConfig, save_run_yaml
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_bytes
@@ -70,6 +70,7 @@ class Trainer:
         self.model = model.to(self.device)
         if self.device.type == "cpu" and self.t.keep_freed_memory:
             runtime.keep_freed_memory()
+        kernels.set_enabled(self.t.fused_kernels)
         self.objective = objective
         self.tokenizer = tokenizer if tokenizer is not None else getattr(objective, "tokenizer", None)
         self.progress = progress

@@ -1,0 +1,89 @@
+"""The compiled CPU training kernels (lmforge/kernels.py) against PyTorch's own ops, and their fallback."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge import kernels
+from lmforge.config import load_config
+from lmforge.models.gpt import GPT
+
+
+@pytest.fixture
+def kernel_state(monkeypatch):
+    """Each test sees the kernels on and working, and leaves the process-wide switch as it found it."""
+    monkeypatch.setitem(kernels._state, "enabled", True)
+    monkeypatch.setitem(kernels._state, "broken", False)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
+def test_gelu_tanh_value_and_gradient_equal_torch(kernel_state, dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, 67, generator=g) * 3  # negative tail, the bend, large positives
+    base[0, 0, :4] = torch.tensor([0.0, -12.0, 12.0, 1e-4])
+    upstream = torch.randn(base.shape, generator=g).to(dtype)
+    x, ref_x = base.to(dtype).requires_grad_(), base.to(dtype).requires_grad_()
+    y = kernels.gelu_tanh(x)
+    ref = F.gelu(ref_x, approximate="tanh")
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_GeluTanhBackward"  # the kernel ran
+    assert y.dtype == dtype and y.shape == base.shape
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+    y.backward(upstream)
+    ref.backward(upstream)
+    # bf16: the kernel rounds the derivative to bf16 before the product, ATen rounds once after it
+    torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), rtol=tol, atol=2 * tol)
+    assert kernels.enabled()
+
+
+def test_gelu_tanh_without_grad_is_atens_op(kernel_state):
+    x = torch.randn(4, 33)
+    with torch.no_grad():
+        assert torch.equal(kernels.gelu_tanh(x.requires_grad_()), F.gelu(x, approximate="tanh"))
+    kernels.set_enabled(False)
+    y = kernels.gelu_tanh(torch.randn(4, 33, requires_grad=True))
+    assert type(y.grad_fn).__name__ == "GeluBackward0"
+
+
+def test_a_training_step_with_kernels_matches_the_eager_ops(kernel_state):
+    """One GPT step (bf16 autocast) with and without the fused GELU + CE: same loss, same grads."""
+    from lmforge.objectives.clm import lm_loss
+
+    cfg = load_config("gpt-tiny").model
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17))
+    labels = torch.randint(0, cfg.vocab_size, (2, 17))
+    grads = {}
+    for fused in (True, False):
+        kernels.set_enabled(fused)
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, n = lm_loss(model(ids), labels)
+        loss.backward()
+        grads[fused] = (loss.item(), {k: p.grad.clone() for k, p in model.named_parameters()})
+    assert grads[True][0] == pytest.approx(grads[False][0], rel=1e-3)
+    for k, g in grads[True][1].items():
+        ref = grads[False][1][k]
+        assert (g - ref).norm() <= 0.03 * ref.norm() + 1e-6, k  # bf16 roundings in different places
+
+
+def test_a_compiler_failure_falls_back_with_one_warning(kernel_state, monkeypatch, capsys):
+    """No working C++ compiler: the first call warns once, turns the kernels off, and still answers."""
+    def broken_compile(fn, **kw):
+        def run(*args):
+            raise RuntimeError("InductorError: no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    gelu = kernels._compiled(kernels._gelu_tanh_and_grad)
+    monkeypatch.setattr(kernels, "_gelu_kernel", gelu)
+    x = torch.randn(6, 20, requires_grad=True)
+    y = kernels.gelu_tanh(x)
+    torch.testing.assert_close(y, F.gelu(x, approximate="tanh"), rtol=2e-6, atol=2e-6)
+    y2 = kernels.gelu_tanh(x)  # second call: eager, no second warning
+    assert type(y2.grad_fn).__name__ == "GeluBackward0"
+    err = capsys.readouterr().err
+    assert err.count("warning: fused CPU kernels unavailable") == 1
+    assert "no C++ compiler found" in err and "more detail" not in err
+    assert not kernels.enabled()
+    assert kernels.ce_and_grad(torch.randn(3, 5), torch.tensor([0, 1, 2]), -100) is None
