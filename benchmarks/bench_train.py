@@ -7,9 +7,10 @@ random tokens, so the loss has somewhere to go (from ln V ~ 9.0 towards the unig
 both curves can be compared.
 
 Each side runs at its best setting: ours at the shipped defaults (the gpt-small preset's model, whose
-attn_impl is math, and TrainConfig: bf16 autocast, fused AdamW, chunked CE, keep_freed_memory, no
-torch.compile); HF tries attn_implementation eager|sdpa x fp32|bf16 autocast (x torch.compile with
---hf-compile) and keeps its fastest, scoring with its own loss. Each side runs in its own process
+attn_impl is math, and TrainConfig: bf16 autocast, fused AdamW, keep_freed_memory, fused_kernels
+(the compiled GELU and cross-entropy of lmforge/kernels.py), no whole-model torch.compile); HF tries
+attn_implementation eager|sdpa x fp32|bf16 autocast (x torch.compile with --hf-compile) and keeps
+its fastest, scoring with its own loss. Each side runs in its own process
 (so our process-wide allocator setting stays ours unless --hf-keep-freed-memory gives it to HF too);
 the sides take turns for `--rounds` rounds and each keeps its best round, so a noisy neighbour hurts
 both alike.
@@ -96,7 +97,8 @@ def ours_gpt(overrides: dict) -> Side:
     trainer = Trainer(cfg, GPT(model_cfg), CausalLM(cfg, None), out_dir="/nonexistent", progress=False)
     step = trainer_step(trainer)
     t = cfg.train
-    return Side(f"ours GPT (attn {model_cfg.attn_impl}, dtype={t.dtype}, compile={t.compile})",
+    return Side(f"ours GPT (attn {model_cfg.attn_impl}, dtype={t.dtype}, fused_kernels={t.fused_kernels}, "
+                f"compile={t.compile})",
                 lambda w: step({"input_ids": w[:, :-1], "labels": w[:, 1:]}))
 
 

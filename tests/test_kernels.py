@@ -1,5 +1,8 @@
 """The compiled CPU training kernels (lmforge/kernels.py) against PyTorch's own ops, and their fallback."""
 
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,6 +10,12 @@ import torch.nn.functional as F
 from lmforge import kernels
 from lmforge.config import load_config
 from lmforge.models.gpt import GPT
+from lmforge.objectives.clm import lm_loss
+
+# inductor compiles the kernels with the system's C++ compiler; without one the eager fallback runs
+# (tested below with a simulated failure) and the tests that need the real kernels cannot run
+HAVE_CXX = any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c)
+needs_cxx = pytest.mark.skipif(not HAVE_CXX, reason="no C++ compiler for torch.compile's CPU kernels")
 
 
 @pytest.fixture
@@ -16,6 +25,7 @@ def kernel_state(monkeypatch):
     monkeypatch.setitem(kernels._state, "broken", False)
 
 
+@needs_cxx
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1.6e-2)])
 def test_gelu_tanh_value_and_gradient_equal_torch(kernel_state, dtype, tol):
     g = torch.Generator().manual_seed(0)
@@ -44,10 +54,9 @@ def test_gelu_tanh_without_grad_is_atens_op(kernel_state):
     assert type(y.grad_fn).__name__ == "GeluBackward0"
 
 
+@needs_cxx
 def test_a_training_step_with_kernels_matches_the_eager_ops(kernel_state):
     """One GPT step (bf16 autocast) with and without the fused GELU + CE: same loss, same grads."""
-    from lmforge.objectives.clm import lm_loss
-
     cfg = load_config("gpt-tiny").model
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -87,3 +96,27 @@ def test_a_compiler_failure_falls_back_with_one_warning(kernel_state, monkeypatc
     assert "no C++ compiler found" in err and "more detail" not in err
     assert not kernels.enabled()
     assert kernels.ce_and_grad(torch.randn(3, 5), torch.tensor([0, 1, 2]), -100) is None
+
+
+@pytest.mark.parametrize("fused", [pytest.param(True, marks=needs_cxx), False])  # compiled kernel, eager loop
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_cross_entropy_equals_torch(kernel_state, dtype, fused):
+    """lm_loss's fused CE == F.cross_entropy(logits.float()) in value and gradient, ignored rows included."""
+    kernels.set_enabled(fused)
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 37, 50, generator=g) * 4  # 111 rows: several chunks and a ragged last one
+    labels = torch.randint(0, 50, (3, 37), generator=g)
+    labels[0, :5] = -100
+    labels[2, -9:] = -100
+    ours_x = base.to(dtype).requires_grad_()
+    ref_x = base.to(dtype).requires_grad_()
+    loss_sum, n = lm_loss(ours_x, labels)
+    ref = F.cross_entropy(ref_x.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    (loss_sum / 7).backward()
+    (ref / 7).backward()
+    assert int(n) == 111 - 14
+    torch.testing.assert_close(loss_sum, ref, rtol=1e-6, atol=1e-4)
+    tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16 grads: one rounding of the same fp32 values
+    torch.testing.assert_close(ours_x.grad.float(), ref_x.grad.float(), rtol=0, atol=tol)
+    assert ours_x.grad[0, :5].abs().sum() == 0  # ignored targets get no gradient
+    assert kernels.enabled() == fused  # the compiled kernel ran (it turns itself off if it cannot)
