@@ -55,12 +55,14 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     write it straight into one buffer in the logits' dtype while each row is in cache, and backward
     only scales it. On a CPU that is one fused compiled kernel (`kernels.ce_and_grad`, ~11 ms for
     4096 x 8192 bf16 logits on 2 cores); elsewhere, or without a compiler, the eager loop below does it
-    CHUNK rows at a time (~40 ms there; `F.cross_entropy(logits.float(), ...)` forward + backward takes
-    ~270 ms, for its fp32 copy of the logits, saved log-softmax and zero-filled NLL gradient).
+    a chunk of rows at a time (~40 ms there in 32-row chunks; `F.cross_entropy(logits.float(), ...)`
+    forward + backward takes ~270 ms, for its fp32 copy of the logits, saved log-softmax and
+    zero-filled NLL gradient).
     The math is fp32 (logsumexp over the vocabulary) either way.
     """
 
-    CHUNK = 32  # rows; 32 x 8192 fp32 = 1 MiB, cache-resident
+    CHUNK = 32  # rows on a CPU; 32 x 8192 fp32 = 1 MiB, cache-resident
+    GPU_CHUNK = 1 << 26  # elements per chunk elsewhere (256 MiB fp32): few, large kernel launches
 
     @staticmethod
     def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:  # logits (N, V), labels (N,)
@@ -74,19 +76,23 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def eager(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def eager(logits: Tensor, labels: Tensor, rows: int | None = None) -> tuple[Tensor, Tensor]:
+        """(summed loss, gradient), `rows` rows at a time (default: CHUNK on a CPU, else GPU_CHUNK / V)."""
+        if rows is None:
+            big = max(1, ChunkedCrossEntropy.GPU_CHUNK // logits.shape[1])
+            rows = ChunkedCrossEntropy.CHUNK if logits.device.type == "cpu" else big
         grad = torch.empty_like(logits)  # (N, V), the logits' dtype
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        for s in range(0, logits.shape[0], ChunkedCrossEntropy.CHUNK):
-            x = logits[s:s + ChunkedCrossEntropy.CHUNK].to(torch.float32, copy=True)  # (c, V)
-            y = labels[s:s + ChunkedCrossEntropy.CHUNK]
+        for s in range(0, logits.shape[0], rows):
+            x = logits[s:s + rows].to(torch.float32, copy=True)  # (c, V)
+            y = labels[s:s + rows]
             valid = y != IGNORE_INDEX  # (c,)
             idx = torch.where(valid, y, 0)[:, None]  # (c, 1)
             lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (c, 1)
             total += ((lse - x.gather(1, idx)).squeeze(1) * valid).sum()
             x.sub_(lse).exp_()  # softmax
             x.scatter_add_(1, idx, torch.full_like(x[:, :1], -1.0))  # - onehot(label)
-            torch.mul(x, valid[:, None], out=grad[s:s + ChunkedCrossEntropy.CHUNK])  # cast on write
+            torch.mul(x, valid[:, None], out=grad[s:s + rows])  # cast on write
         return total, grad
 
     @staticmethod
