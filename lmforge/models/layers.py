@@ -172,7 +172,6 @@ class KVCache:
 # attention
 
 
-@functools.lru_cache(maxsize=16)
 def causal_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(q_len, k_len) additive mask: 0 where key <= query (queries are the last q_len positions), else -inf.
 
@@ -182,6 +181,9 @@ def causal_bias(q_len: int, k_len: int, dtype: torch.dtype, device: torch.device
     """
     allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
     return torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+
+
+_cached_causal_bias = functools.lru_cache(maxsize=16)(causal_bias)  # eager: built once per shape
 
 
 class Attention(nn.Module):
@@ -244,7 +246,10 @@ class Attention(nn.Module):
         q3, k3t = q.reshape(B * nh, T, hs), k.reshape(B * nh, S, hs).transpose(1, 2)  # (B nh, hs, S)
         scale = 1.0 / math.sqrt(hs)
         if is_causal:  # + (T, S) bias: 0 where key <= query position, -inf above the diagonal
-            att = torch.baddbmm(causal_bias(T, S, q.dtype, q.device), q3, k3t, alpha=scale)
+            # under torch.compile the bias is traced (a constant to inductor), not looked up in a cache
+            make_bias = causal_bias if torch.compiler.is_compiling() else _cached_causal_bias
+            bias = make_bias(T, S, q.dtype, q.device)  # (T, S)
+            att = torch.baddbmm(bias, q3, k3t, alpha=scale)
         else:
             att = torch.bmm(q3, k3t) * scale
         att = att.view(B, nh, T, S)  # (B, nh, T, T_total)
