@@ -84,6 +84,13 @@ def test_segments_truncation_and_encoding_literal():
     assert split_segments([5, 6, 1, 7, 1, 8, 9, 9, 9], {1}, 3) == [[5, 6, 1], [7, 1], [8, 9, 9], [9]]
     assert truncate_pair([1, 2, 3, 4, 5], [6, 7], 5) == ([1, 2, 3], [6, 7])
     assert truncate_pair([1, 2], [6, 7, 8, 9], 4) == ([1, 2], [6, 7])
+    # with an rng, as BERT: each dropped token comes off the front or the end of the longer segment
+    seen = set()
+    for seed in range(200):
+        a, b = truncate_pair(list(range(10)), [50, 51, 52], 8, np.random.default_rng(seed))
+        assert b == [50, 51, 52] and len(a) == 5 and a == list(range(a[0], a[0] + 5))  # a contiguous span
+        seen.add(a[0])
+    assert seen == set(range(6))  # every span from [0..4] to [5..9] occurs
     ids, types = encode_pair([7, 8], [9, 10, 11], cls_id=CLS, sep_id=SEP)
     assert ids == [2, 7, 8, 3, 9, 10, 11, 3]
     assert types == [0, 0, 0, 0, 1, 1, 1, 1]

@@ -7,9 +7,9 @@
               in BERT, up to a random length in [2, max_len - 3] instead) and split at a random
               segment boundary into A and B. With probability 1/2 B is replaced by segments from a
               random *other* document (label 1, HF's convention; 0 = B really follows A). The pair
-              is truncated longest-first from the end to fit; segment ids are 0 for [CLS] A [SEP],
-              1 for B [SEP]; batches are padded with [PAD] to the longest example and carry an
-              attention mask.
+              is truncated longest-first, a token at a time from its front or end at random, to
+              fit; segment ids are 0 for [CLS] A [SEP], 1 for B [SEP]; batches are padded with
+              [PAD] to the longest example and carry an attention mask.
 
 Masking and the loss are mlm.py's (`Masker`, `MaskedLMWithNSP`); this module builds the pairs.
 """
@@ -45,11 +45,20 @@ def split_segments(tokens: list[int], enders: set[int], max_piece: int) -> list[
     return [s[i : i + max_piece] for s in out for i in range(0, len(s), max_piece)]
 
 
-def truncate_pair(a: list[int], b: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
-    """Drop tokens from the end of the longer segment until len(a) + len(b) <= max_tokens (BERT)."""
+def truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: np.random.Generator | None = None
+                  ) -> tuple[list[int], list[int]]:
+    """Drop tokens from the longer segment until len(a) + len(b) <= max_tokens (BERT).
+
+    Without `rng` from the end; with it, from the front or the end with probability 1/2 each token,
+    as BERT's truncate_seq_pair does ("to add more randomness and avoid biases").
+    """
     a, b = list(a), list(b)
     while len(a) + len(b) > max_tokens:
-        (a if len(a) > len(b) else b).pop()
+        longer = a if len(a) > len(b) else b
+        if rng is not None and rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
     return a, b
 
 
@@ -68,7 +77,8 @@ def nsp_pairs(
     tokens are split at a random boundary; a random B's unused segments go back to the document.
     With probability short_seq_prob the document's target is a uniform length in [2, max_len - 3]
     instead (shorter sequences, so the model also sees lengths it meets at fine-tuning time); pairs
-    are always truncated to max_len - 3. short_seq_prob=0 draws nothing extra from `rng`.
+    are always truncated to max_len - 3, longest segment first, from its front or end at random.
+    short_seq_prob=0 draws nothing extra from `rng`.
     """
     max_tokens = max_len - 3  # [CLS] A [SEP] B [SEP]
     target = max_tokens
@@ -96,7 +106,7 @@ def nsp_pairs(
             else:
                 label = 0
                 b = [t for s in chunk[a_end:] for t in s]
-            a, b = truncate_pair(a, b, max_tokens)
+            a, b = truncate_pair(a, b, max_tokens, rng)
             if a and b:
                 out.append((a, b, label))
             chunk = []
