@@ -70,7 +70,7 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
     metrics = pretrain(preset, shards=str(shards), out=str(run), overrides=over)
 
     _step(5, "samples")
-    model, tok = api.load(run)
+    model, tok = api.load(run, pack=True)  # inference only from here: oneDNN-packed weights on a CPU
     for prompt in prompts or DEFAULT_PROMPTS.get(data, FALLBACK_PROMPTS):
         text = api.generate(model, tok, prompt, max_new_tokens=80, temperature=0.8, top_k=50, seed=0)
         print(f"--- {prompt!r}\n{prompt}{text}\n")
