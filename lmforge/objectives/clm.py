@@ -104,18 +104,21 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad.mul_(grad_out.to(grad.dtype)), None
 
 
-def lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum of fp32 cross-entropies over labels != -100, their count). logits (B, T, V), labels (B, T).
+def cross_entropy_sum(logits: Tensor, labels: Tensor) -> Tensor:
+    """Sum of fp32 cross-entropies over labels != -100. logits (N, V), labels (N,).
 
     Equal to F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum") (tested);
-    computed by ChunkedCrossEntropy when gradients are needed.
+    computed by ChunkedCrossEntropy when gradients are needed. Any objective scoring a vocabulary
+    uses it (clm here, mlm on the masked positions).
     """
-    flat, target = logits.flatten(0, 1), labels.flatten()
-    if torch.is_grad_enabled() and flat.requires_grad:
-        loss_sum = ChunkedCrossEntropy.apply(flat, target)
-    else:
-        loss_sum = F.cross_entropy(flat.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, (labels != IGNORE_INDEX).sum()
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return ChunkedCrossEntropy.apply(logits, labels)
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of fp32 cross-entropies over labels != -100, their count). logits (B, T, V), labels (B, T)."""
+    return cross_entropy_sum(logits.flatten(0, 1), labels.flatten()), (labels != IGNORE_INDEX).sum()
 
 
 class CausalLM(Objective):

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, DataError
 from lmforge.objectives.base import IGNORE_INDEX, Objective
+from lmforge.objectives.clm import cross_entropy_sum
 
 IGNORE = IGNORE_INDEX
 
@@ -211,7 +212,7 @@ class MaskedLM(Objective):
         pos = labels != IGNORE_INDEX
         out = model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
                     attention_mask=batch.get("attention_mask"), mlm_positions=pos)
-        loss = F.cross_entropy(out.mlm_logits.float(), labels[pos], reduction="sum")  # (N, V) vs (N,)
+        loss = cross_entropy_sum(out.mlm_logits, labels[pos])  # (N, V) vs (N,), fp32 math
         return out, loss, pos.sum()
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
