@@ -96,10 +96,9 @@ _gelu_kernel = _compiled(_gelu_tanh_and_grad)
 class _GeluTanh(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        out = _gelu_kernel(x.reshape(-1))
-        if out is None:  # compile failed just now
-            out = _gelu_tanh_and_grad(x.reshape(-1))
-        y, dy = out
+        flat = x.reshape(-1)
+        out = _gelu_kernel(flat)
+        y, dy = out if out is not None else _gelu_tanh_and_grad(flat)  # None: compiling failed just now
         ctx.save_for_backward(dy)
         return y.view(x.shape)
 
