@@ -20,6 +20,10 @@ both alike.
     python benchmarks/bench_train.py --hf sdpa,bf16       # one HF variant only
     python benchmarks/bench_train.py --ours dtype=fp32    # override one of our TrainConfig knobs
     python benchmarks/bench_train.py --hf-keep-freed-memory   # HF with our allocator setting too
+    python benchmarks/bench_train.py --model llama --hf-compile   # the Llama flavour vs LlamaForCausalLM
+
+`--model llama`: the Llama flavour at the same size (configs/llama-small.yaml: RoPE, RMSNorm, SwiGLU
+d_ff 1024, 2 kv heads, no biases, untied head) vs transformers.LlamaForCausalLM of the same config.
 
 `--model bert`: our BERT masked LM (objective mlm, MLM logits only at the ~15% masked positions)
 vs transformers.BertForMaskedLM (logits everywhere), 6 layers, 384 dims, 6 heads, FFN 1536, seq 128,
@@ -74,31 +78,31 @@ class Side:
 # our GPT: the Trainer's own accumulate + optimizer_step, at the shipped defaults
 
 
-def gpt_model_config(**over) -> ModelConfig:
-    """The shipped gpt-small preset (its attn_impl included), dropout 0; `over` for experiments."""
+def gpt_model_config(preset: str = "gpt-small", **over) -> ModelConfig:
+    """A shipped preset of SHAPE's size (its attn_impl included), dropout 0; `over` for experiments."""
     from dataclasses import replace
 
     from lmforge.config import load_config
 
-    cfg = replace(load_config("gpt-small").model, dropout=0.0, **over)
+    cfg = replace(load_config(preset).model, dropout=0.0, **over)
     assert (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.max_seq_len, cfg.vocab_size) == tuple(
         SHAPE[k] for k in ("n_layer", "n_head", "d_model", "seq", "vocab")), "preset != SHAPE"
     return cfg
 
 
-def ours_gpt(overrides: dict) -> Side:
+def ours_gpt(overrides: dict, preset: str = "gpt-small") -> Side:
     from lmforge.models.gpt import GPT
     from lmforge.objectives.clm import CausalLM
     from lmforge.train.trainer import Trainer
 
-    model_cfg = gpt_model_config()
+    model_cfg = gpt_model_config(preset)
     cfg = RunConfig(model=model_cfg, data=DataConfig(seq_len=SHAPE["seq"]), train=train_config(**overrides))
     torch.manual_seed(0)
     trainer = Trainer(cfg, GPT(model_cfg), CausalLM(cfg, None), out_dir="/nonexistent", progress=False)
     step = trainer_step(trainer)
     t = cfg.train
-    return Side(f"ours GPT (attn {model_cfg.attn_impl}, dtype={t.dtype}, fused_kernels={t.fused_kernels}, "
-                f"compile={t.compile})",
+    return Side(f"ours {preset} (attn {model_cfg.attn_impl}, dtype={t.dtype}, "
+                f"fused_kernels={t.fused_kernels}, compile={t.compile})",
                 lambda w: step({"input_ids": w[:, :-1], "labels": w[:, 1:]}))
 
 
@@ -154,6 +158,30 @@ def hf_gpt2(attn: str, dtype: str, compile_: bool) -> Side:
 
     step = hf_step(model, dtype, compile_, loss_of)
     return Side(f"HF GPT2LMHeadModel ({attn}, {dtype}, compile={compile_})", step)
+
+
+def ours_llama(overrides: dict) -> Side:
+    return ours_gpt(overrides, preset="llama-small")
+
+
+def hf_llama(attn: str, dtype: str, compile_: bool) -> Side:
+    """transformers.LlamaForCausalLM of the llama-small network (config through our HF exporter)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmforge.models.convert_config import config_to_hf
+
+    hf_cfg = LlamaConfig.from_dict(config_to_hf(gpt_model_config("llama-small"), "LlamaForCausalLM"))
+    hf_cfg.use_cache = False
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(hf_cfg, attn_implementation=attn).train()
+    assert model.config._attn_implementation == attn
+    model.loss_type = "ForCausalLM"
+
+    def loss_of(fwd, w):  # HF's own loss, targets pre-shifted (as for GPT-2 above)
+        return fwd(input_ids=w[:, :-1], labels=w[:, :-1], shift_labels=w[:, 1:].contiguous()).loss
+
+    step = hf_step(model, dtype, compile_, loss_of)
+    return Side(f"HF LlamaForCausalLM ({attn}, {dtype}, compile={compile_})", step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +269,8 @@ def worker(conn, model: str, who: tuple, keep_freed: bool, n_batches: int) -> No
         from lmforge.runtime import keep_freed_memory
 
         keep_freed_memory()
-    ours_fn, hf_fn = (ours_bert, hf_bert) if model == "bert" else (ours_gpt, hf_gpt2)
+    sides = {"gpt": (ours_gpt, hf_gpt2), "llama": (ours_llama, hf_llama), "bert": (ours_bert, hf_bert)}
+    ours_fn, hf_fn = sides[model]
     side = ours_fn(*who[1:]) if who[0] == "ours" else hf_fn(*who[1:])
     data = bert_batches(n_batches) if model == "bert" else zipf_batches(n_batches)
     conn.send(side.name)
@@ -259,7 +288,7 @@ def parse_value(v: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="gpt", choices=("gpt", "bert"), help="which family to compare")
+    ap.add_argument("--model", default="gpt", choices=("gpt", "llama", "bert"), help="which model to compare")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     ap.add_argument("--rounds", type=int, default=2)
