@@ -144,6 +144,12 @@ def hf_step(model, dtype: str, compile_: bool, loss_of):
     return step
 
 
+def hf_clm_loss(fwd, w):
+    """HF's own causal-LM loss path (ForCausalLMLoss: fp32 logits, mean CE) on a (B, T+1) window,
+    targets pre-shifted."""
+    return fwd(input_ids=w[:, :-1], labels=w[:, :-1], shift_labels=w[:, 1:].contiguous()).loss
+
+
 def hf_gpt2(attn: str, dtype: str, compile_: bool) -> Side:
     from bench_quality import hf_config  # the one GPT2Config of our preset's network (same folder)
     from transformers import GPT2LMHeadModel
@@ -153,10 +159,7 @@ def hf_gpt2(attn: str, dtype: str, compile_: bool) -> Side:
     assert model.config._attn_implementation == attn
     model.loss_type = "ForCausalLM"  # what HF picks anyway, said explicitly (no "unrecognized" warning)
 
-    def loss_of(fwd, w):  # HF's own loss path (ForCausalLMLoss: fp32 logits, mean CE), targets pre-shifted
-        return fwd(input_ids=w[:, :-1], labels=w[:, :-1], shift_labels=w[:, 1:].contiguous()).loss
-
-    step = hf_step(model, dtype, compile_, loss_of)
+    step = hf_step(model, dtype, compile_, hf_clm_loss)
     return Side(f"HF GPT2LMHeadModel ({attn}, {dtype}, compile={compile_})", step)
 
 
@@ -177,10 +180,7 @@ def hf_llama(attn: str, dtype: str, compile_: bool) -> Side:
     assert model.config._attn_implementation == attn
     model.loss_type = "ForCausalLM"
 
-    def loss_of(fwd, w):  # HF's own loss, targets pre-shifted (as for GPT-2 above)
-        return fwd(input_ids=w[:, :-1], labels=w[:, :-1], shift_labels=w[:, 1:].contiguous()).loss
-
-    step = hf_step(model, dtype, compile_, loss_of)
+    step = hf_step(model, dtype, compile_, hf_clm_loss)
     return Side(f"HF LlamaForCausalLM ({attn}, {dtype}, compile={compile_})", step)
 
 
