@@ -27,8 +27,12 @@ def tok(tmp_path_factory):
 
 
 def make_pair(tok, heads: str, seed: int = 0):
-    """(ours, hf) with the same random weights; heads mlm -> BertForMaskedLM, none -> BertModel."""
-    cfg = ModelConfig(family="bert", vocab_size=tok.vocab_size, max_seq_len=24, n_layer=2, n_head=2,
+    """(ours, hf) with the same random weights; heads mlm -> BertForMaskedLM, none -> BertModel.
+
+    max_seq_len has room to spare: WordPiece training breaks count ties in hash-map order
+    (huggingface/tokenizers#1794), so TEXTS' token counts vary a little from run to run.
+    """
+    cfg = ModelConfig(family="bert", vocab_size=tok.vocab_size, max_seq_len=64, n_layer=2, n_head=2,
                       d_model=32, d_ff=64, norm_eps=1e-12, norm_position="post", mlp="gelu", heads=heads)
     torch.manual_seed(seed)
     hf_cls = transformers.BertForMaskedLM if heads == "mlm" else transformers.BertModel

@@ -82,6 +82,18 @@ def test_wordpiece_splits_chinese_into_characters_and_lowercases(toks):
     assert wp.encode("THE Return") == wp.encode("the return")
 
 
+def test_training_is_reproducible(corpus):
+    """Same data and options: BPE gives the same tokenizer.json, Unigram the same pieces (its EM
+    sums floats in a parallel, order-dependent way, so scores may move in the 3rd decimal).
+    Each training builds fresh, randomly seeded hash maps, so an order dependence would show here
+    (it does for WordPiece's ties: see docs/tokenizers-and-shards.md)."""
+    a, b = (train("bpe", corpus[:2], vocab_size=400, min_frequency=1).inner.to_str() for _ in range(2))
+    assert a == b
+    a, b = (dict(json.loads(train("unigram", corpus[:2], vocab_size=400).inner.to_str())["model"]["vocab"])
+            for _ in range(2))
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 0.05 for k in a)
+
+
 def test_hash_ignores_formatting_and_tracks_content(toks, tmp_path):
     tok, path = toks["bpe"]
     compact = tmp_path / "compact.json"
