@@ -10,8 +10,8 @@ Three families, each with the special tokens its models expect:
                sentinels <extra_id_0>..<extra_id_{N-1}>; "A </s>" post-processor.
 
 Training streams documents through `lmforge.data.readers.iter_documents`, so the corpus is never
-held in memory. The result is one `tokenizer.json` that `transformers.PreTrainedTokenizerFast`
-loads as is.
+held in memory (WordPiece reads it twice, to be reproducible; see `_train_wordpiece`). The result
+is one `tokenizer.json` that `transformers.PreTrainedTokenizerFast` loads as is.
 
     $ lmforge tokenizer train --type bpe --data shakespeare --vocab-size 8192 --out tok/
     $ lmforge tokenizer stats tok/ --data heldout.txt
@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -198,7 +199,8 @@ def train(
     min_frequency: int = 2,
     show_progress: bool = False,
 ) -> Tokenizer:
-    """Train a tokenizer of family `kind` on an iterable of documents (consumed once, streaming).
+    """Train a tokenizer of family `kind` on an iterable of documents (streamed; the same data gives the
+    same tokenizer: a one-shot iterator is spooled to a temporary file for WordPiece's second pass).
 
     >>> tok = train("bpe", ["hello world"] * 50, vocab_size=270)
     >>> tok.decode(tok.encode("hello"))
@@ -209,23 +211,61 @@ def train(
     if vocab_size <= floor:
         raise ConfigError(f"--vocab-size {vocab_size} is too small for {kind}; use more than {floor}")
     added = [AddedToken(s, special=True, normalized=False) for s in specials]
-    if kind == "bpe":
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=added,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
-        )
-    elif kind == "wordpiece":
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=added,
-            continuing_subword_prefix="##", show_progress=show_progress,
-        )
+    if kind == "wordpiece":
+        tok = _train_wordpiece(tok, specials, texts, vocab_size, min_frequency, show_progress)
     else:
-        trainer = trainers.UnigramTrainer(
-            vocab_size=vocab_size, special_tokens=added, unk_token="<unk>", show_progress=show_progress,
-        )
-    tok.train_from_iterator(_batches(texts), trainer=trainer)
+        if kind == "bpe":
+            trainer = trainers.BpeTrainer(
+                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=added,
+                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress,
+            )
+        else:
+            trainer = trainers.UnigramTrainer(
+                vocab_size=vocab_size, special_tokens=added, unk_token="<unk>", show_progress=show_progress,
+            )
+        tok.train_from_iterator(_batches(texts), trainer=trainer)
     _post_processor(kind, tok)
     return Tokenizer(tok)
+
+
+def _train_wordpiece(tok: _HFTokenizer, specials: list[str], texts: Iterable[str], vocab_size: int,
+                     min_frequency: int, show_progress: bool) -> _HFTokenizer:
+    """WordPiece, reproducibly: two passes over the documents.
+
+    `tokenizers` numbers the "##x" continuation pieces in hash-map order, and ids break ties
+    between equally frequent merges, so a single pass gives a slightly different vocab from run
+    to run (huggingface/tokenizers#1794). Pass 1 only counts words (vocab_size=1: no merges) to
+    learn which ##x pieces exist; pass 2 reserves them, sorted, right after the specials, so every
+    id is fixed before the first merge, then turns them back into ordinary vocab entries.
+    A one-shot iterator is spooled to a temporary file during pass 1 (disk, not memory).
+    """
+    def trainer(size: int, reserved: list[str]) -> trainers.WordPieceTrainer:
+        return trainers.WordPieceTrainer(
+            vocab_size=size, min_frequency=min_frequency, continuing_subword_prefix="##",
+            special_tokens=[AddedToken(s, special=True, normalized=False) for s in reserved],
+            show_progress=show_progress,
+        )
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-wp-") as tmp:
+        spool = None if isinstance(texts, (list, tuple)) else Path(tmp) / "docs.jsonl"
+        probe = _HFTokenizer.from_str(tok.to_str())
+        probe.train_from_iterator(_batches(texts if spool is None else _spooled(texts, spool)),
+                                  trainer=trainer(1, specials))
+        pieces = sorted(t for t in probe.get_vocab() if t.startswith("##"))
+        again = texts if spool is None else (json.loads(line) for line in spool.open(encoding="utf-8"))
+        tok.train_from_iterator(_batches(again), trainer=trainer(vocab_size, specials + pieces))
+    spec = json.loads(tok.to_str())
+    reserved = set(pieces)
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in reserved]
+    return _HFTokenizer.from_str(json.dumps(spec))
+
+
+def _spooled(texts: Iterable[str], path: Path) -> Iterator[str]:
+    """Yield `texts` while writing them to `path`, one JSON string per line, to be read again."""
+    with path.open("w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps(t) + "\n")
+            yield t
 
 
 def _batches(texts: Iterable[str], size: int = 256) -> Iterator[list[str]]:
