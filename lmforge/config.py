@@ -137,9 +137,22 @@ class TrainConfig:
         _choice("train.dtype", self.dtype, ("bf16", "fp32"))
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         _choice("train.objective", self.objective, ("clm", "mlm", "mlm,nsp"))
-        for name in ("batch_size", "grad_accum", "max_steps"):
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "save_every", "eval_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every",
+                     "keep_last"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.eps <= 0:
+            raise ConfigError(f"train.eps must be > 0, got {self.eps}")
+        if self.max_time is not None and self.max_time < 0:
+            raise ConfigError(f"train.max_time must be >= 0 seconds (or null: no limit), got {self.max_time}")
+        if not 0.0 < self.mlm_prob < 1.0:
+            raise ConfigError(f"train.mlm_prob must be in (0, 1), got {self.mlm_prob}")
         if self.nsp_weight is not None and self.nsp_weight < 1:
             raise ConfigError(f"train.nsp_weight must be >= 1 (or null: the default), got {self.nsp_weight}")
         if not 0.0 <= self.short_seq_prob <= 1.0:
@@ -242,10 +255,15 @@ def from_dict(cls: type, data: dict[str, Any] | None, prefix: str = "") -> Any:
 
 
 def preset_path(name_or_path: str) -> Path:
+    """A YAML file path (anything ending in .yaml/.yml, or an existing file), else a preset name.
+
+    A folder is never a config: `--out gpt-small` next to the preset gpt-small must not shadow it.
+    """
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
+    if p.suffix in (".yaml", ".yml") or p.is_file():
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist" if not p.exists() else
+                              f"config {p} is not a file; give a YAML file or a preset name")
         return p
     cand = CONFIG_DIR / f"{name_or_path}.yaml"
     if not cand.exists():
@@ -259,6 +277,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid YAML ({e.__class__.__name__}); fix the file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path} ({e.strerror or e.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of sections (model:, data:, train:, generate:)")
     return data

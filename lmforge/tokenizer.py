@@ -116,6 +116,24 @@ class Tokenizer:
     def id_to_token(self, idx: int) -> str | None:
         return self.inner.id_to_token(idx)
 
+    def byte_lengths(self) -> list[int] | None:
+        """UTF-8 bytes each id stands for (0 for specials), when that is exact: byte-level BPE, where
+        every character of a vocab entry is one byte. None for other families (WordPiece drops the
+        spaces between words, Unigram's ▁ is a space only sometimes), whose byte counts need decoding.
+
+        Summing these over a split window counts a character cut in two correctly, which decoding
+        each window alone cannot (a lone half decodes to U+FFFD, 3 bytes).
+        """
+        spec = json.loads(self.inner.to_str())
+        if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+            return None
+        added = {t["id"]: t for t in spec.get("added_tokens", [])}
+        out = [0] * self.vocab_size
+        for token, i in self.inner.get_vocab(with_added_tokens=True).items():
+            a = added.get(i)
+            out[i] = len(token) if a is None else 0 if a["special"] else len(token.encode("utf-8"))
+        return out
+
     # -- facts -----------------------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

@@ -140,3 +140,68 @@ def test_resumed_run_after_fallback_still_finishes(tmp_path):
     again = make_trainer(cfg, init_seed=5)
     again.fit(resume=True)  # resumes from step-000002 and redoes steps 3-4
     assert_bitwise(expected, weights(again.model))
+
+
+def test_keep_last_never_prunes_the_new_checkpoint_after_a_corrupt_newer_one(tmp_path, capsys):
+    """A resume that skipped a corrupt newest checkpoint must keep what it saves from then on."""
+    cfg = tiny_cfg(tmp_path, max_steps=6, save_every=2, keep_last=2)
+    make_trainer(cfg).fit()
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-000006" / "trainer_state.pt").write_bytes(b"garbage")
+    cfg.train.keep_last, cfg.train.save_every = 1, 1
+    again = make_trainer(cfg, init_seed=5)
+    again.should_stop = lambda step, micro: (step, micro) == (5, 0)
+    again.fit(resume=True)  # from step 4; saves step 5 and stops
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["step-000005", "step-000006.corrupt"], names
+    assert "moved the corrupt step-000006 aside" in capsys.readouterr().err
+    ckpt, state, _ = ck.latest_good(tmp_path / "run")
+    assert ckpt.name == "step-000005" and state["step"] == 5
+
+
+def test_save_keeps_newer_checkpoints_of_an_older_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=1, keep_last=2)
+    make_trainer(cfg).fit()
+    root = tmp_path / "run" / "checkpoints"
+    model = GPT(cfg.model)
+    state = {"step": 1, "micro": 0}
+    ck.save_checkpoint(tmp_path / "run", model, None, state, keep_last=1)  # step 1 again: nothing older
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000003", "step-000004"]
+
+
+def test_unreadable_config_json_is_skipped_like_other_corruption(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2, keep_last=2)
+    make_trainer(cfg).fit()
+    (tmp_path / "run" / "checkpoints" / "step-000004" / "config.json").write_text("")
+    ckpt, state, _ = ck.latest_good(tmp_path / "run")
+    assert ckpt.name == "step-000002" and state["step"] == 2
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        make_trainer(tiny_cfg(tmp_path, max_steps=1)).fit()
+    finally:
+        os.umask(old)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000001"
+    assert ckpt.stat().st_mode & 0o777 == 0o755
+    assert (ckpt / "config.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "run" / "run.yaml").stat().st_mode & 0o777 == 0o644
+
+
+def test_resume_follows_the_configs_optimizer_settings(tmp_path):
+    """load_state_dict brings back the checkpoint's betas / eps / decay; the config (and run.yaml) wins."""
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+    cfg.train.max_steps, cfg.train.weight_decay, cfg.train.beta2, cfg.train.eps = 3, 0.0, 0.99, 1e-6
+    again = make_trainer(cfg)
+    again.fit(resume=True)
+    groups = again.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-6 for g in groups)
+    cfg.train.max_steps, cfg.train.weight_decay = 4, 0.05
+    again = make_trainer(cfg)
+    again.fit(resume=True)
+    assert [g["weight_decay"] for g in again.optimizer.param_groups] == [0.05, 0.0]  # 1-D params: none

@@ -43,6 +43,13 @@ def test_dotted_overrides_are_typed():
         (["--train.compile=3"], "train.compile must be true or false"),
         (["--model.norm=batchnorm"], "choose one of: layernorm, rmsnorm"),
         (["--model.n_head=5"], "divisible"),
+        (["--train.save_every=0"], "train.save_every must be >= 1"),
+        (["--train.log_every=0"], "train.log_every must be >= 1"),
+        (["--train.lr=-1"], "train.lr must be >= 0"),
+        (["--train.seed=-1"], "train.seed must be >= 0"),
+        (["--train.warmup_steps=-5"], "train.warmup_steps must be >= 0"),
+        (["--train.beta2=1.5"], "train.beta2 must be in [0, 1)"),
+        (["--train.mlm_prob=0"], "train.mlm_prob must be in (0, 1)"),
     ],
 )
 def test_bad_overrides_name_the_key(args, needle):
@@ -55,6 +62,15 @@ def test_unknown_preset_lists_choices():
     with pytest.raises(ConfigError) as e:
         load_config("gpt-huge")
     assert "gpt-tiny" in str(e.value)
+
+
+def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gpt-tiny").mkdir()  # e.g. a run dir from `--out gpt-tiny`
+    assert load_config("gpt-tiny").model.n_layer == 2
+    (tmp_path / "mine.yaml").mkdir()
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config("mine.yaml")
 
 
 def test_run_yaml_records_config_seed_git(tmp_path):

@@ -380,3 +380,16 @@ def test_mlm_objective_rejects_a_gpt():
 
     with pytest.raises(ConfigError, match="family=bert"):
         MaskedLM(load_config("gpt-tiny", {"train": {"objective": "mlm"}})).build_model()
+
+
+def test_mlm_only_run_resumes_from_the_cli(shards, tmp_path):
+    """mlm builds a BERT without the NSP head; resume must compare against that model, not the preset."""
+    from lmforge.cli import main
+    from lmforge.tokenizer import Tokenizer
+
+    args = ["pretrain", "bert-tiny", "--objective", "mlm", "--data.shards", str(shards / "shards"),
+            "--data.tokenizer", str(shards / "tok" / "tokenizer.json"), "--out", str(tmp_path / "run"),
+            "--no-progress", "--train.tensorboard=false", "--data.seq_len=32",
+            f"--model.vocab_size={Tokenizer.load(shards / 'tok').vocab_size}"]
+    assert main(args + ["--train.max_steps=2", "--train.save_every=2"]) == 0
+    assert main(args + ["--train.max_steps=3", "--resume"]) == 0

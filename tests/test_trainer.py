@@ -147,7 +147,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     cfg = tiny_cfg(tmp_path, max_steps=10, save_every=2, grad_accum=2)
     torch.manual_seed(0)
     trainer = Trainer(cfg, GPT(cfg.model), NaNAfter(cfg, bad_call=10), progress=False)  # step 5, micro 2
-    expected = r"diverged at step 5: loss is nan; last good checkpoint: .*step-000004"
+    expected = r"diverged at step 5: loss is nan; last good checkpoint: .*step-000004; .* and --resume$"
     with pytest.raises(TrainingError, match=expected):
         trainer.fit()
     run = tmp_path / "run"
@@ -156,6 +156,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in ck.load_weights(run / "checkpoints" / "step-000004").values())
     assert not (run / "model.safetensors").exists()  # no "final" weights from a diverged run
+
+
+def test_nan_before_any_checkpoint_says_to_start_again(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=10, save_every=5)
+    trainer = Trainer(cfg, GPT(cfg.model), NaNAfter(cfg, bad_call=2), progress=False)
+    with pytest.raises(TrainingError, match="no checkpoint was written; .* run again with --overwrite$"):
+        trainer.fit()
 
 
 def test_max_time_stops_gracefully_with_checkpoint(tmp_path):
@@ -200,8 +207,8 @@ def shards(tmp_path_factory):
 def pretrain_cli(*args):
     from lmforge.cli import main
 
-    return main(["pretrain", "gpt-tiny", *map(str, args), "--no-progress", "--train.max_steps=4",
-                 "--train.eval_every=2", "--train.tensorboard=false", "--train.device=cpu"])
+    return main(["pretrain", "gpt-tiny", "--no-progress", "--train.max_steps=4", "--train.eval_every=2",
+                 "--train.tensorboard=false", "--train.device=cpu", *map(str, args)])  # later ones win
 
 
 def test_pretrain_cli_end_to_end(shards, tmp_path, capsys):
@@ -232,3 +239,56 @@ def test_pretrain_cli_vocab_too_small_is_one_line(shards, tmp_path, capsys):
 def test_pretrain_cli_needs_shards(tmp_path, capsys):
     assert pretrain_cli("--out", tmp_path / "r") == 2
     assert "--data.shards" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    before = sorted(p.name for p in out.iterdir())
+    # the objective / model mismatch is only found when the model is built: nothing may be deleted before
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--overwrite",
+                        "--objective", "mlm") == 2
+    assert "error: " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--overwrite",
+                        "--train.max_steps=2") == 0
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_clm_with_an_encoder_config_is_one_line(shards, tmp_path, capsys):
+    from lmforge.cli import main
+
+    code = main(["pretrain", "bert-tiny", "--objective", "clm", "--data.shards", str(shards), "--out",
+                 str(tmp_path / "r"), "--model.vocab_size=320", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "objective clm trains a decoder" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_resume_survives_a_torn_metrics_line(shards, tmp_path):
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "loss": 8.1, "lr')  # killed mid-write
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--resume",
+                        "--train.max_steps=6") == 0
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_bits_per_byte_counts_characters_cut_between_windows():
+    """Byte-level BPE: the bytes of the targets are exact even when a window ends mid-character."""
+    from lmforge import tokenizer as tk
+    from lmforge.config import load_config
+
+    text = "日本語のテキスト、中文字符 and émojis 🙂 " * 20
+    tok = tk.train("bpe", [text] * 5, vocab_size=300)
+    ids = tok.encode(text)
+    assert tok.decode(ids[:7]).endswith("\ufffd")  # a window edge inside a character
+    obj = CausalLM(load_config("gpt-tiny"), tok)
+    rows = [ids[i:i + 7] for i in range(0, len(ids), 7)]
+    rows[-1] += [-100] * (7 - len(rows[-1]))  # unscored padding
+    got = obj.metrics([{"labels": torch.tensor(rows)}], loss_sum=math.log(2) * 100, n_targets=len(ids))
+    true_bytes = len(text.encode("utf-8"))
+    assert got["bpb"] == pytest.approx(100 / true_bytes)
+    assert got["bytes_per_token"] == pytest.approx(true_bytes / len(ids))

@@ -10,9 +10,10 @@ Loss = cross-entropy summed over scored targets, computed in fp32 from the model
 the Trainer divides by the target count of the whole accumulation cycle.
 
 Eval extras: perplexity comes from the Trainer (exp of mean loss); this objective adds bits per
-byte, `bpb = sum_nats / ln(2) / n_bytes`, where n_bytes is measured, not assumed: each evaluated
-row of targets is decoded with the run's tokenizer (special tokens skipped, so document separators
-count 0 bytes) and its UTF-8 length is summed. That makes bpb comparable across tokenizers.
+byte, `bpb = sum_nats / ln(2) / n_bytes`, where n_bytes is measured, not assumed: each target
+counts the bytes it stands for (byte-level BPE: `Tokenizer.byte_lengths`, exact even for a
+character cut between two windows; other tokenizers: each row of targets is decoded and its UTF-8
+length summed). Special tokens count 0 bytes. That makes bpb comparable across tokenizers.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge import kernels
+from lmforge.errors import ConfigError
 from lmforge.objectives.base import IGNORE_INDEX, Objective
 
 
@@ -132,6 +134,13 @@ class CausalLM(Objective):
         )
         return WindowStream(windows)
 
+    def build_model(self) -> nn.Module:
+        if self.cfg.model.family != "gpt":
+            family = self.cfg.model.family
+            raise ConfigError(f"objective clm trains a decoder but model.family is {family!r}; "
+                              "use a gpt preset (e.g. gpt-small) or --objective mlm")
+        return super().build_model()
+
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
         return lm_loss(logits, batch["labels"])
@@ -139,9 +148,16 @@ class CausalLM(Objective):
     def metrics(self, batches: list[dict[str, Tensor]], loss_sum: float, n_targets: int) -> dict[str, float]:
         if self.tokenizer is None:
             return {}
+        if not hasattr(self, "_byte_lengths"):
+            table = self.tokenizer.byte_lengths()
+            self._byte_lengths = None if table is None else torch.tensor(table)
         n_bytes = 0
         for batch in batches:
-            for row in batch["labels"].tolist():
+            labels = batch["labels"].cpu()
+            if self._byte_lengths is not None:  # exact, even for a character cut between two rows
+                n_bytes += int(self._byte_lengths[labels[labels != IGNORE_INDEX]].sum())
+                continue
+            for row in labels.tolist():
                 ids = [i for i in row if i != IGNORE_INDEX]
                 n_bytes += len(self.tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
         if n_bytes == 0:

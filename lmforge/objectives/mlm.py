@@ -190,7 +190,7 @@ class MaskedLM(Objective):
 
         if self.cfg.model.family != "bert":
             raise ConfigError(f"objective {self.name} trains an encoder; set model.family=bert "
-                              "(e.g. --config bert-small)")
+                              "(e.g. the preset bert-small)")
         return build_model(dataclasses.replace(self.cfg.model, heads=self.heads))
 
     def masker(self) -> Masker:

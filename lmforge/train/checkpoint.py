@@ -107,13 +107,17 @@ def save_model_files(model: nn.Module, tokenizer, folder: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, model: nn.Module, tokenizer, state: dict[str, Any],
                     keep_last: int = 2) -> Path:
-    """Write RUN/checkpoints/step-NNNNNN[-micro-J]/ atomically, then delete all but the newest `keep_last`."""
+    """Write RUN/checkpoints/step-NNNNNN[-micro-J]/ atomically, then keep it and the `keep_last - 1`
+    newest checkpoints older than it; older ones are deleted. Newer ones (left by an earlier, longer
+    run in the same folder) are never deleted by a save: only what this run has passed."""
     final = Path(run_dir) / "checkpoints" / checkpoint_name(state["step"], state.get("micro", 0))
     with atomic_dir(final) as tmp:
         save_model_files(model, tokenizer, tmp)
         torch.save(state, tmp / STATE_FILE)
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        everything = list_checkpoints(run_dir)
+        older = everything[:everything.index(final)]
+        for old in older[:max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -144,13 +148,21 @@ def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}); delete {ckpt}") from None
 
 
-def check_model_config(ckpt: Path, model_cfg) -> None:
-    """CheckpointError naming the first model key whose value differs from the checkpoint's config.json."""
+def load_model_config(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict; CheckpointError when it is missing or not a JSON object."""
     path = Path(ckpt) / "config.json"
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} is unreadable ({e.__class__.__name__}); delete {ckpt}") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is not a model config (a JSON object); delete {ckpt}")
+    return saved
+
+
+def check_model_config(ckpt: Path, model_cfg) -> None:
+    """CheckpointError naming the first model key whose value differs from the checkpoint's config.json."""
+    saved = load_model_config(ckpt)
     ours = dataclasses.asdict(model_cfg)
     for key, value in ours.items():
         if key in RUNTIME_KEYS or key not in saved:
@@ -188,19 +200,30 @@ def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], ckpt: Path
 
 
 def latest_good(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
-    """Newest checkpoint whose state and weights both load; corrupt ones are skipped with a warning.
+    """Newest checkpoint whose config, state and weights all load; corrupt ones are skipped with a warning.
 
-    Raises CheckpointError when the run has no checkpoint or none is readable.
+    Once a good one is found, the corrupt newer ones are renamed NAME.corrupt (kept for a look, but
+    no longer resumed from, counted or pruned), so the run's newest checkpoint is a good one again.
+    Raises CheckpointError when the run has no checkpoint or none is readable (nothing renamed then).
     """
     ckpts = list_checkpoints(run_dir)
     if not ckpts:
         raise CheckpointError(f"nothing to resume: {Path(run_dir) / 'checkpoints'} has no checkpoint; "
                               "drop --resume to start fresh")
-    errors = []
+    errors, bad = [], []
     for ckpt in reversed(ckpts):
         try:
-            return ckpt, load_state(ckpt), load_weights(ckpt)
+            load_model_config(ckpt)
+            found = ckpt, load_state(ckpt), load_weights(ckpt)
         except CheckpointError as e:
             errors.append(str(e))
+            bad.append(ckpt)
             print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+            continue
+        for b in bad:
+            aside = b.with_name(b.name + ".corrupt")
+            shutil.rmtree(aside, ignore_errors=True)
+            b.rename(aside)
+            print(f"warning: moved the corrupt {b.name} aside to {aside.name}", file=sys.stderr)
+        return found
     raise CheckpointError(f"no readable checkpoint in {Path(run_dir) / 'checkpoints'}: {errors[0]}")

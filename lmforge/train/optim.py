@@ -65,6 +65,17 @@ def build_optimizer(model: nn.Module, t: TrainConfig, impl: str = "auto") -> tor
     )
 
 
+def apply_hparams(optimizer: torch.optim.Optimizer, t: TrainConfig) -> None:
+    """Write the config's betas, eps and weight decay into every group (decay only on >= 2-D tensors).
+
+    After `load_state_dict` on resume the groups hold the checkpoint's values; a resumed run follows
+    its own config, as run.yaml says. (lr needs nothing: the Trainer sets it before every step.)
+    """
+    for group in optimizer.param_groups:
+        group["betas"], group["eps"] = (t.beta1, t.beta2), t.eps
+        group["weight_decay"] = t.weight_decay if group["params"][0].dim() >= 2 else 0.0
+
+
 def lr_at(step: int, t: TrainConfig) -> float:
     """Learning rate for the 0-based optimizer step `step`.
 

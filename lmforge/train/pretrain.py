@@ -52,7 +52,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     if seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
                           f"pass --data.seq_len={cfg.model.max_seq_len} or raise model.max_seq_len")
-    _check_out_dir(Path(cfg.train.out_dir), resume, overwrite)
+    replace = _check_out_dir(Path(cfg.train.out_dir), resume, overwrite)
 
     runtime.seed_everything(cfg.train.seed)  # model init is part of the run's seed
     obj = make_objective(cfg, tokenizer)
@@ -62,24 +62,27 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     print(f"pretrain {cfg.train.objective}: {n_params / 1e6:.2f}M parameters, device {trainer.device}, "
           f"{cfg.train.dtype}, {cfg.train.max_steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} "
           f"x {seq_len} tokens -> {cfg.train.out_dir}", file=sys.stderr)
+    if replace:  # only now that the config, data and model are known good
+        shutil.rmtree(cfg.train.out_dir)
     result = trainer.fit(resume=resume)
     return result
 
 
-def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """ConfigError unless --out can be used as asked; True when an old run there is to be replaced."""
     if resume:
         if not (out / "checkpoints").is_dir():
             raise ConfigError(f"--resume: {out} has no checkpoints/; check --out or drop --resume")
-        return
+        return False
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
+        return False
     if not overwrite:
         raise ConfigError(f"output dir {out} exists and is not empty; pass --resume to continue it, "
                           "--overwrite to replace it, or another --out")
     if not out.is_dir() or not any((out / m).exists() for m in RUN_MARKERS):
         raise ConfigError(f"--overwrite: {out} does not look like a run dir (no run.yaml / checkpoints); "
                           "refusing to delete it, pick another --out")
-    shutil.rmtree(out)
+    return True
 
 
 def register(parser: argparse.ArgumentParser) -> None:

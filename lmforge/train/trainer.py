@@ -35,10 +35,10 @@ from torch import nn
 from lmforge import kernels, runtime
 from lmforge.config import RunConfig, save_run_yaml
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_write_bytes
+from lmforge.io import atomic_write_bytes, atomic_write_text
 from lmforge.objectives.base import Objective, to_device
 from lmforge.train import checkpoint as ckpt_mod
-from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.optim import apply_hparams, build_optimizer, lr_at, set_lr
 
 
 class TrainingError(LmforgeError):
@@ -278,7 +278,8 @@ class Trainer:
 
     def _restore(self, stream) -> tuple[int, dict | None, float]:
         ckpt, state, weights = ckpt_mod.latest_good(self.run_dir)
-        ckpt_mod.check_model_config(ckpt, self.cfg.model)
+        # the model as built: an objective may adjust the config (mlm-only BERT drops the NSP head)
+        ckpt_mod.check_model_config(ckpt, getattr(self.model, "cfg", self.cfg.model))
         for key in ("grad_accum", "batch_size"):
             if state["micro"] and state.get(key) != getattr(self.t, key):
                 raise ckpt_mod.CheckpointError(
@@ -286,6 +287,7 @@ class Trainer:
                     f"it was saved with {state.get(key)}: pass --train.{key}={state.get(key)}")
         ckpt_mod.apply_weights(self.model, weights, ckpt)
         self.optimizer.load_state_dict(state["optimizer"])
+        apply_hparams(self.optimizer, self.t)  # load_state_dict brought back the old betas/eps/decay
         stream.load_state_dict(state["stream"])
         ckpt_mod.set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -294,9 +296,11 @@ class Trainer:
 
     def _diverged(self, what: str) -> str:
         done = ckpt_mod.list_checkpoints(self.run_dir)
-        keep = f"last good checkpoint: {done[-1]}" if done else "no checkpoint was written"
-        return (f"training diverged at step {self.step + 1}: {what}; {keep}; "
-                f"lower --train.lr (now {self.t.lr}) or raise --train.warmup_steps and --resume")
+        fix = f"lower --train.lr (now {self.t.lr}) or raise --train.warmup_steps"
+        head = f"training diverged at step {self.step + 1}: {what}"
+        if done:
+            return f"{head}; last good checkpoint: {done[-1]}; {fix} and --resume"
+        return f"{head}; no checkpoint was written; {fix} and run again with --overwrite"
 
     # -----------------------------------------------------------------------------------------
     # logging
@@ -313,9 +317,10 @@ class Trainer:
 
     def _open_logs(self, resume: bool) -> None:
         path = self.run_dir / "metrics.jsonl"
-        if resume and path.exists():  # forget records from after the checkpoint we resumed from
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if resume and path.exists():  # forget records from after the checkpoint (and a line torn by a kill)
+            keep = [r for r in map(_record, path.read_text(encoding="utf-8").splitlines())
+                    if r is not None and r.get("step", 0) <= self.step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
         elif not resume:
             path.unlink(missing_ok=True)
         self._metrics = path.open("a", encoding="utf-8")
@@ -344,6 +349,15 @@ class Trainer:
             print(f"warning: loss.png not written ({e.__class__.__name__}: {e})", file=sys.stderr)
 
 
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line as a dict; None for a blank or torn line (a run killed mid-write)."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) else None
+
+
 def plot_losses(metrics_path: Path, png_path: Path) -> None:
     """Train loss (and val loss) against step, from metrics.jsonl, to a PNG written atomically."""
     import io
@@ -353,7 +367,7 @@ def plot_losses(metrics_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln]
+    records = [r for r in map(_record, Path(metrics_path).read_text(encoding="utf-8").splitlines()) if r]
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     if not train and not val:
