@@ -19,6 +19,7 @@ top-k -> top-p (smallest set of tokens whose probability reaches p) -> multinomi
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable
 
@@ -129,7 +130,8 @@ def generate(
     if L > ctx:
         raise ConfigError(f"prompt has {L} tokens but the model's context is {ctx} tokens "
                           f"(model.max_seq_len); shorten the prompt")
-    n_new = min(max_new_tokens, ctx - L)  # stop when the context is full
+    limits = [min(max_new_tokens, ctx - n) for n in lens]  # each row stops when its context is full
+    n_new = max(limits)
     if n_new <= 0:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
@@ -156,7 +158,7 @@ def generate(
     logits = model(ids, attention_mask=None if mask is None else mask[:, :L], position_ids=pos,
                    cache=cache, last_only=True)[:, -1]  # (B, V)
     out: list[list[int]] = [[] for _ in range(B)]
-    done = [False] * B
+    done = [lim <= 0 for lim in limits]
     for step in range(n_new):
         logits = logits.float()
         if seen is not None:
@@ -171,7 +173,7 @@ def generate(
             out[i].append(t)
             if on_token is not None:
                 on_token(i, t)
-            if stop is not None and stop(out[i]):
+            if (stop is not None and stop(out[i])) or len(out[i]) >= limits[i]:
                 done[i] = True
         if all(done) or step == n_new - 1:
             break
@@ -179,7 +181,9 @@ def generate(
             seen[torch.arange(B, device=device), nxt] = True
         kw = {}
         if padded:
-            kw = dict(attention_mask=mask[:, : L + step + 1], position_ids=next_pos + step)
+            # a finished row is still fed (its output is ignored); keep its position inside the context
+            at = (next_pos + step).clamp(max=ctx - 1)  # (B, 1)
+            kw = dict(attention_mask=mask[:, : L + step + 1], position_ids=at)
         logits = model(nxt[:, None], cache=cache, last_only=True, **kw)[:, -1]
     return out
 
@@ -199,8 +203,13 @@ class TextStream:
         >>> s.finish(); s.text            # the whole output, cut before the first stop string
     """
 
-    def __init__(self, tokenizer, stop: list[str] | None = None, write: Callable[[str], None] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, write: Callable[[str], None] | None = None,
+                 prefix_ids: list[int] | None = None):
         self.tok = tokenizer
+        # the prompt's last ids, decoded in front and cut off again: decoders that drop a leading
+        # space (Metaspace: Unigram, SentencePiece/Llama) must see that the output is not at the start
+        self.prefix = list(prefix_ids or [])[-4:]
+        self.head = tokenizer.decode(self.prefix) if self.prefix else ""
         self.stops = [s for s in (stop or []) if s]
         self.write = write
         self.ids: list[int] = []
@@ -212,7 +221,7 @@ class TextStream:
         if self.stopped:
             return
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
+        text = self._decode()
         cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
@@ -225,9 +234,16 @@ class TextStream:
 
     def finish(self) -> str:
         if not self.stopped:
-            text = self.tok.decode(self.ids)
+            text = self._decode()
             self._emit(text, upto=len(text))
         return self.text
+
+    def _decode(self) -> str:
+        if self.prefix:
+            full = self.tok.decode(self.prefix + self.ids)
+            if full.startswith(self.head):
+                return full[len(self.head):]
+        return self.tok.decode(self.ids)
 
     def _emit(self, text: str, upto: int) -> None:
         self.text = text[:upto]
@@ -248,12 +264,22 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--stop", nargs="+", default=[], metavar="STR", help="stop at any of these strings")
+    parser.add_argument("--stop", action="append", default=[], metavar="STR",
+                        help=r"stop at this string (repeatable); \n, \t and \\ are read as escapes")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", choices=("bf16", "fp32", "int8"), default="fp32",
                         help="weights: fp32, bf16, or int8 (weight-only, bf16 activations; fastest on CPU)")
     parser.add_argument("--device", default="auto")
     parser.set_defaults(func=_cmd_generate)
+
+
+def unescape(text: str) -> str:
+    r"""The escapes a shell leaves alone, for --stop: '\n\n' (backslash, n, ...) -> two newlines.
+
+    >>> unescape(r"\n\n"), unescape(r"a\tb"), unescape(r"c:\\n"), unescape("héllo")
+    ('\n\n', 'a\tb', 'c:\\n', 'héllo')
+    """
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -276,7 +302,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    stream = TextStream(tok, args.stop, write)
+    stream = TextStream(tok, [unescape(s) for s in args.stop], write, prefix_ids=ids)
     generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
              eos_id=tok.eos_id, pad_id=tok.pad_id or 0, seed=args.seed,

@@ -12,6 +12,7 @@ from lmforge.generate import (
     sample_next,
     top_k_filter,
     top_p_filter,
+    unescape,
 )
 from lmforge.models.gpt import GPT
 
@@ -160,6 +161,23 @@ def test_left_padded_batch_equals_each_alone(flavour):
     assert batch == alone
 
 
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_each_row_of_a_batch_runs_to_its_own_context_limit(flavour):
+    """A short prompt beside a long one still gets ctx - len(prompt) tokens, as it would alone."""
+    m = _model(dict(flavour, max_seq_len=12))
+    prompts = [[1] * 10, [2], [3] * 12]  # the last one already fills the context
+    batch = generate(m, prompts, max_new_tokens=50, temperature=0)
+    alone = [generate(m, [p], max_new_tokens=50, temperature=0)[0] for p in prompts]
+    assert [len(r) for r in batch] == [2, 11, 0] and batch == alone
+
+
+def test_causal_mask_is_built_on_the_inputs_device():
+    from lmforge.models.layers import build_attn_mask
+
+    mask = build_attn_mask(None, 2, 5, causal=True, device=torch.device("meta"))  # chunked prefill
+    assert mask.device.type == "meta" and mask.shape == (1, 1, 2, 5)
+
+
 class _CharTok:
     """A byte-level stand-in tokenizer: one id per UTF-8 byte (decode like byte-level BPE)."""
 
@@ -224,6 +242,11 @@ def test_cli_and_api(tmp_path, capsys):
     assert text == tok.decode(ids)
     both = api.generate(model, tok2, ["the cat", "a"], max_new_tokens=4, temperature=0, stop=[text[2:4]])
     assert both[0] == text[:2]
+    # --stop is repeatable and reads \n-style escapes, which a shell passes through as two characters
+    assert main(["generate", str(run), "the cat", "--max-new-tokens", "6", "--temperature", "0",
+                 "--stop", "\\n\\n", "--stop", text[2:4]]) == 0
+    assert capsys.readouterr().out == text[:2] + "\n"
+    assert unescape("\\n\\n") == "\n\n" and unescape("a\\\\n") == "a\\n"
     with pytest.raises(ConfigError, match="unknown config key 'generate.top_q'"):
         api.generate(model, tok2, "x", top_q=0.5)
     # errors: prompt longer than the context; tokenizer bigger than the model's vocab
@@ -253,3 +276,20 @@ def test_cli_errors(tmp_path, capsys):
     (bert / "tokenizer.json").write_bytes((run / "tokenizer.json").read_bytes())
     assert main(["generate", str(bert), "the cat"]) == 2
     assert "holds a bert model" in capsys.readouterr().err
+
+
+def test_text_keeps_the_space_a_metaspace_decoder_drops_at_the_start():
+    """Unigram / SentencePiece decoders strip the first space of a decode; generated text is not the
+    start of anything, so prompt + output must read as the decode of prompt + new ids."""
+    from lmforge import api
+    from lmforge.tokenizer import train
+
+    docs = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog sat together"] * 50
+    tok = train("unigram", docs, vocab_size=80, extra_ids=0)
+    word = next(t for t in ("▁the", "▁sat", "▁a", "▁t") if tok.token_to_id(t) is not None)
+    w = tok.token_to_id(word)
+    model = FixedLogits([10.0 if i == w else 0.0 for i in range(tok.vocab_size)])  # always that word
+    prompt = tok.encode("the cat")
+    text = api.generate(model, tok, "the cat", max_new_tokens=2, temperature=0)
+    expect = 2 * word.replace("▁", " ")
+    assert text == expect and tok.decode(prompt) + text == tok.decode(prompt + [w, w])

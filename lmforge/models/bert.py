@@ -121,7 +121,7 @@ class BertModel(nn.Module):
         x = self.drop(self.emb_ln(self.tok_emb(input_ids) + pe + te))  # (B, T, C)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: let SDPA take its unmasked fast path
-        mask = build_attn_mask(attention_mask, T, T, causal=False)  # (B, 1, T, T) bool or None
+        mask = build_attn_mask(attention_mask, T, T, causal=False, device=input_ids.device)  # (B,1,T,T)|None
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, None, mask, use_reentrant=False)

@@ -108,9 +108,12 @@ class GPT(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.pos if cache is not None else 0
-        if past + T > self.cfg.max_seq_len:
+        # the context limits positions, not cache slots: a left-padded short row may run past the
+        # longest prompt's limit (its padding fills slots, not positions)
+        last = past + T if position_ids is None else int(position_ids.max()) + 1
+        if last > self.cfg.max_seq_len:
             raise ConfigError(
-                f"sequence of {past + T} tokens is longer than the model's context "
+                f"sequence of {last} tokens is longer than the model's context "
                 f"(model.max_seq_len={self.cfg.max_seq_len}); shorten the input"
             )
         x = self.tok_emb(input_ids)  # (B, T, C)
@@ -127,7 +130,8 @@ class GPT(nn.Module):
             dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
             rope = (cos.to(dt), sin.to(dt))  # (T, hs) or (B, 1, T, hs): broadcast over (B, nh, T, hs)
         x = self.drop(x)
-        mask = build_attn_mask(attention_mask, T, past + T, causal=True)  # (B, 1, T, past+T) or None
+        mask = build_attn_mask(attention_mask, T, past + T, causal=True,
+                               device=input_ids.device)  # (B, 1, T, past+T) or None
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, mask, None, i, use_reentrant=False)

@@ -103,11 +103,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def build_attn_mask(
-    attention_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool
+    attention_mask: torch.Tensor | None, q_len: int, k_len: int, causal: bool,
+    device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """The boolean mask (B or 1, 1, q_len, k_len) that Attention takes (True = may attend), or None.
 
-    attention_mask: (B, k_len) with 1 for real tokens and 0 for padding (keys), or None.
+    attention_mask: (B, k_len) with 1 for real tokens and 0 for padding (keys), or None; device:
+    where to build the mask when attention_mask is None (pass the input's device).
     The queries are the last q_len of the k_len positions (KV-cache decoding: k_len = past + q_len).
     Returns None when no mask is needed: bidirectional without padding, or causal without padding
     and q_len in (1, k_len) (Attention then uses is_causal / attends to everything).
@@ -121,7 +123,7 @@ def build_attn_mask(
     """
     if attention_mask is None and (not causal or q_len == 1 or q_len == k_len):
         return None
-    device = attention_mask.device if attention_mask is not None else None
+    device = attention_mask.device if attention_mask is not None else device  # the model's device
     q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (Tq, 1) absolute positions
     k_pos = torch.arange(k_len, device=device)[None, :]  # (1, Tk)
     mask = (k_pos <= q_pos) if causal else torch.ones(q_len, k_len, dtype=torch.bool, device=device)
