@@ -94,7 +94,7 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str | list[st
                           "the weights or load one with Tokenizer.load(path)")
     gc = from_dict(GenerateConfig, kw, prefix="generate.")
     texts = [prompt] if isinstance(prompt, str) else list(prompt)
-    ids = [tokenizer.encode(t) or ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) for t in texts]
+    ids = [tokenizer.encode_prompt(t) for t in texts]
     streams = [TextStream(tokenizer, gc.stop, prefix_ids=p) for p in ids]
     opts = {k: v for k, v in dataclasses.asdict(gc).items() if k != "stop"}
     current = [0]  # generate() calls on_token(i, t) and then stop(row i's ids) for the same row

@@ -291,9 +291,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if model.cfg.family != "gpt":
         raise ConfigError(f"{args.run_dir} holds a {model.cfg.family} model; generate needs a gpt run dir "
                           "(use fill-mask or embed for encoders)")
-    ids = tok.encode(args.prompt)
-    if not ids and tok.bos_id is not None:  # an empty prompt: start from bos
-        ids = [tok.bos_id]
+    ids = tok.encode_prompt(args.prompt)  # bos first where the tokenizer asks for it (Llama files)
     if len(ids) > model.cfg.max_seq_len:
         raise ConfigError(f"the prompt is {len(ids)} tokens but the model's context is "
                           f"{model.cfg.max_seq_len}; shorten the prompt")

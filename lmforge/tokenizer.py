@@ -116,6 +116,25 @@ class Tokenizer:
     def id_to_token(self, idx: int) -> str | None:
         return self.inner.id_to_token(idx)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids for a generation prompt: the raw ids, with bos in front when the tokenizer's own
+        post-processor puts it there (Llama / SentencePiece files: `tokenizer(text)` in HF starts
+        with <s>), and bos alone for an empty prompt. Our BPE adds nothing, so prompts stay raw."""
+        ids = self.encode(text)
+        if self.bos_id is not None and (not ids or self._template_starts_with_bos()):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def _template_starts_with_bos(self) -> bool:
+        if not hasattr(self, "_adds_bos"):
+            pp = json.loads(self.inner.to_str()).get("post_processor") or {}
+            steps = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
+            first = [s["single"][0] for s in steps
+                     if s.get("type") == "TemplateProcessing" and s.get("single")]
+            name = self.id_to_token(self.bos_id) if self.bos_id is not None else None
+            self._adds_bos = bool(first) and first[0].get("SpecialToken", {}).get("id") == name
+        return self._adds_bos
+
     def byte_lengths(self) -> list[int] | None:
         """UTF-8 bytes each id stands for (0 for specials), when that is exact: byte-level BPE, where
         every character of a vocab entry is one byte. None for other families (WordPiece drops the

@@ -153,3 +153,25 @@ def test_cli_train_and_stats(corpus, tmp_path, capsys):
                  "--text-field", "body"]) == 0
     out = capsys.readouterr().out
     assert "vocab size" in out and "tokens/char" in out and "tokens/word" in out
+
+
+@pytest.mark.parametrize("sequence", [False, True], ids=["template", "sequence"])
+def test_prompts_start_with_bos_where_the_tokenizer_says_so(toks, sequence):
+    """Llama-style files put <s> in front of every encoding; a generation prompt must have it too,
+    as `tokenizer(text)` in transformers does. Our byte-level BPE adds nothing."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+    inner = HFTok(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    inner.add_special_tokens(["<unk>", "<s>", "</s>"])
+    template = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                             special_tokens=[("<s>", 1)])
+    inner.post_processor = processors.Sequence([processors.ByteLevel(), template]) if sequence else template
+    llama = Tokenizer(inner)
+    hf = PreTrainedTokenizerFast(tokenizer_object=inner)
+    assert llama.encode_prompt("hello world") == hf("hello world").input_ids == [1, 3, 4]
+    assert llama.encode_prompt("") == [1]
+    bpe, _ = toks["bpe"]
+    assert bpe.encode_prompt("hello") == bpe.encode("hello") and bpe.encode_prompt("") == [bpe.bos_id]
