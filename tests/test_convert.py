@@ -37,6 +37,9 @@ CASES = {
     "bert-pretraining": ("BertForPreTraining", "BertConfig", BERT, "AutoModelForPreTraining"),
     "bert-mlm": ("BertForMaskedLM", "BertConfig", BERT, "AutoModelForMaskedLM"),
     "bert-backbone": ("BertModel", "BertConfig", BERT, "AutoModel"),
+    # untied: HF's forward uses cls.predictions.decoder.bias, a tensor of its own beside .bias
+    "bert-mlm-untied": ("BertForMaskedLM", "BertConfig", dict(BERT, tie_word_embeddings=False),
+                        "AutoModelForMaskedLM"),
     "gpt2": (
         "GPT2LMHeadModel",
         "GPT2Config",
@@ -200,6 +203,9 @@ def test_state_dict_functions_invert_each_other(case, tmp_path):
     ours = convert.from_hf_state_dict(want, cfg, hf_cfg["architectures"][0])
     back = convert.to_hf_state_dict(ours, cfg, hf_cfg["architectures"][0])
     assert back.keys() == want.keys()
+    if case == "bert-mlm-untied":  # HF's forward never reads .bias here (it adds decoder.bias): we write that
+        assert torch.equal(back["cls.predictions.bias"], want["cls.predictions.decoder.bias"])
+        want = {k: v for k, v in want.items() if k != "cls.predictions.bias"}
     assert all(torch.equal(back[k], want[k]) for k in want)
 
 
@@ -324,6 +330,17 @@ def test_bad_checkpoint_is_one_line_error_and_no_output(bad, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temp folder left behind either
 
 
+def test_output_that_is_a_file_is_one_line_error(tmp_path, capsys):
+    make_hf("gpt2", tmp_path / "hf")
+    (tmp_path / "afile").write_text("mine")
+    capsys.readouterr()
+    for extra in ([], ["--force"]):
+        assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "afile"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "is a file, not a folder" in err and err.count("\n") == 1
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
 def test_export_of_mismatched_run_dir_is_refused(tmp_path):
     make_hf("gpt2", tmp_path / "hf")
     convert.import_hf(tmp_path / "hf", tmp_path / "run")
@@ -361,7 +378,10 @@ VOCAB = [
 def test_vocab_txt_only_bert_gets_a_tokenizer_that_matches_transformers(tmp_path):
     hf_dir = tmp_path / "hf"
     make_hf("bert-backbone", hf_dir)
-    (hf_dir / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    # a blank line and a token holding U+2028 still take an id each, as transformers' load_vocab has it
+    at = VOCAB.index("hello")
+    lines = VOCAB[:at] + ["", "x\u2028y", ""] + VOCAB[at:-3]
+    (hf_dir / "vocab.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     (hf_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
     ref = transformers.BertTokenizer(str(hf_dir / "vocab.txt"), do_lower_case=True)
     convert.import_hf(hf_dir, tmp_path / "run")

@@ -123,3 +123,6 @@ def test_errors(shards, tmp_path):
     (root / "train" / "shard-00001.bin").write_bytes(b"\0\0")  # truncated shard
     with pytest.raises(CheckpointError, match="re-run prepare"):
         TokenWindows(root, "train", 10, 1, seed=0)
+    (root / "train" / "shard-00001.bin").write_bytes(b"\0\0\0")  # cut inside a token
+    with pytest.raises(CheckpointError, match="is truncated .* re-run `lmforge prepare`"):
+        TokenWindows(root, "train", 10, 1, seed=0)

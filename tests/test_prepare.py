@@ -225,3 +225,7 @@ def test_single_text_file_still_gets_a_val_split(bpe, tmp_path):
     tok = Tokenizer.load(bpe)
     text = tok.decode(np.concatenate([train, val]).tolist())
     assert all(p in text for p in paragraphs)  # nothing lost by the cut
+    assert meta["split_lone_document"] is True
+    # no val split asked for: the one document stays one document
+    meta = prepare([str(src)], bpe, tmp_path / "whole", val_fraction=0, progress=False)
+    assert meta["splits"]["train"]["documents"] == 1 and meta["split_lone_document"] is False

@@ -106,6 +106,22 @@ def test_parquet_only_string_column(tmp_path):
     pq.write_table(pa.table({"a": ["x"], "b": ["y"]}), tmp_path / "two.parquet")
     with pytest.raises(DataError, match=r"no field 'text' \(fields: a, b\); pass --text-field"):
         read(tmp_path / "two.parquet")
+    pq.write_table(pa.table({"text": [1, 2], "body": ["x", "y"]}), tmp_path / "int.parquet")
+    with pytest.raises(DataError, match=r"field 'text' is int64, not a string; pass --text-field"):
+        read(tmp_path / "int.parquet")
+    cat = pa.table({"text": pa.array(["x", "y", "x"]).dictionary_encode()})  # a categorical column
+    pq.write_table(cat, tmp_path / "cat.parquet")
+    assert read(tmp_path / "cat.parquet")[0] == ["x", "y", "x"]
+
+
+def test_every_spec_must_hold_documents_even_with_shared_stats(tmp_path):
+    """prepare shares one ReadStats over all --data specs: an empty second one is still an error."""
+    write(tmp_path / "a.txt", "some text")
+    write(tmp_path / "empty.txt", " \n\n")
+    stats = ReadStats()
+    assert list(iter_documents(tmp_path / "a.txt", stats=stats)) == ["some text"]
+    with pytest.raises(DataError, match="empty.txt: no non-empty documents"):
+        list(iter_documents(tmp_path / "empty.txt", stats=stats))
 
 
 def test_labeled_jsonl_and_csv(tmp_path):

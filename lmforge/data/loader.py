@@ -53,7 +53,11 @@ class TokenStream:
             path = root / name
             if not path.is_file():
                 raise CheckpointError(f"shard {path} is missing; re-run `lmforge prepare`")
-            if path.stat().st_size:
+            size = path.stat().st_size
+            if size % self.dtype.itemsize:
+                raise CheckpointError(f"shard {path} is truncated ({size} bytes, not a whole number of "
+                                      f"{self.dtype.itemsize}-byte tokens); re-run `lmforge prepare`")
+            if size:
                 self.maps.append(np.memmap(path, dtype=self.dtype, mode="r"))
         self.ends = np.cumsum([len(m) for m in self.maps], dtype=np.int64)
         self.n = int(self.ends[-1]) if len(self.ends) else 0

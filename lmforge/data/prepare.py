@@ -117,11 +117,12 @@ def val_mask(first: int, n: int, val_fraction: float, val_docs: int | None) -> n
     return (i >= 1) & (np.ceil(i * val_fraction) > np.ceil((i - 1) * val_fraction))
 
 
-def split_lone_document(docs: Iterable[str], pieces: int = 64) -> Iterator[str]:
+def split_lone_document(docs: Iterable[str], pieces: int = 64, seen: dict | None = None) -> Iterator[str]:
     """Pass documents through; if the whole input is ONE document, cut it into ~`pieces` documents
-    at blank lines (else line ends) so a single text file still gets a val split.
+    at blank lines (else line ends; whitespace-only pieces dropped) so a single text file still
+    gets a val split. `seen["split"]` is set True when that happened.
 
-    >>> list(split_lone_document(["a\\n\\nbb\\n\\nc"], pieces=4))
+    >>> list(split_lone_document(["a\\n\\nbb\\n\\nc"], pieces=8))
     ['a\\n\\n', 'bb\\n\\n', 'c']
     """
     it = iter(docs)
@@ -136,10 +137,13 @@ def split_lone_document(docs: Iterable[str], pieces: int = 64) -> Iterator[str]:
         return
     sep = "\n\n" if "\n\n" in first else "\n"
     target, start = max(1, len(first) // pieces), 0
+    if seen is not None:
+        seen["split"] = True
     while start < len(first):
         cut = first.find(sep, start + target)
         end = len(first) if cut < 0 else cut + len(sep)
-        yield first[start:end]
+        if first[start:end].strip():
+            yield first[start:end]
         start = end
 
 
@@ -201,7 +205,9 @@ def prepare(
 
         read_stats = ReadStats()
         documents = (d for s in sources for d in iter_documents(s, text_field=text_field, stats=read_stats))
-    stream = batches(split_lone_document(documents))
+    lone: dict = {}
+    wants_val = val_fraction > 0 or (val_docs or 0) > 0
+    stream = batches(split_lone_document(documents, seen=lone) if wants_val else documents)
     first = next(stream, None)
     if first is None:
         where = ", ".join(sources) or "the input"
@@ -265,7 +271,7 @@ def prepare(
             "tokenizer_kind": tok.kind, "eos_id": tok.eos_id, "separator_id": tok.separator_id,
             "splits": splits, "sources": list(sources), "text_field": text_field,
             "val": {"docs": val_docs} if val_docs is not None else {"fraction": val_fraction},
-            "bytes": nbytes, "read_stats": replaced,
+            "bytes": nbytes, "read_stats": replaced, "split_lone_document": bool(lone.get("split")),
         }
         atomic_write_json(tmp / "meta.json", meta)  # written last: the completion mark
     seconds = time.time() - t0

@@ -265,6 +265,7 @@ def _csv_column(path: Path, header: list[str], rows: list[list[str]], text_field
 
 def _read_parquet(path: Path, text_field: str, label_field: str | None, stats: ReadStats) -> Iterator[tuple]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError("reading .parquet needs pyarrow: pip install 'lmforge[data]'") from None
@@ -280,6 +281,12 @@ def _read_parquet(path: Path, text_field: str, label_field: str | None, stats: R
         if len(strings) != 1:
             raise _field_error(str(path), text_field, names, "--text-field")
         col = strings[0]
+    kind = schema.field(col).type
+    while pa.types.is_dictionary(kind):  # a categorical column of strings reads as strings
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind)
+            or pa.types.is_large_binary(kind)):
+        raise DataError(f"{path}: field {col!r} is {kind}, not a string; pass --text-field NAME")
     cols = [col]
     if label_field is not None:
         if label_field not in names:
@@ -316,13 +323,14 @@ def _records(spec, text_field: str, label_field: str | None, stats: ReadStats) -
 
 def _counted(spec, text_field: str, label_field: str | None, stats: ReadStats | None) -> Iterator[tuple]:
     stats = stats if stats is not None else ReadStats()
+    start = stats.documents  # a shared ReadStats may already count other specs' documents
     for text, label in _records(spec, text_field, label_field, stats):
         if not text.strip():
             continue
         stats.documents += 1
         stats.bytes += len(text.encode("utf-8"))
         yield text, label
-    if stats.documents == 0:
+    if stats.documents == start:
         raise DataError(f"{spec}: no non-empty documents; check the path and --text-field")
 
 

@@ -181,6 +181,8 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: str | 
             parts = [t]
         for name, p in zip(r.hf, parts):
             out[name] = p.contiguous()
+    if "cls.predictions.bias" in out and not cfg.tie_embeddings:  # HF 5 adds decoder.bias (_drop_redundant)
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"].clone()
     return _hf_prefix(out, arch)
 
 
@@ -234,6 +236,8 @@ def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch
 
 
 def _check_out(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} is a file, not a folder; choose a new folder for the output")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass --force")
 

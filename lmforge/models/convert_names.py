@@ -159,12 +159,13 @@ def _bert_heads(sd: dict[str, torch.Tensor]) -> str:
 
 def _drop_redundant(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Remove copies HF may store of tied tensors: the LM head / MLM decoder when tied to the embedding,
-    and cls.predictions.decoder.bias (the same tensor as cls.predictions.bias)."""
+    and one of the two MLM output biases. HF's forward adds cls.predictions.decoder.bias: the same
+    tensor as cls.predictions.bias when tied, a separate one (and .bias unused) when untied in
+    transformers 5; so decoder.bias is the one kept whenever it is there."""
     sd = dict(sd)
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
         sd.pop("cls.predictions.decoder.weight", None)
     if "cls.predictions.decoder.bias" in sd:
-        bias = sd.pop("cls.predictions.decoder.bias")
-        sd.setdefault("cls.predictions.bias", bias)
+        sd["cls.predictions.bias"] = sd.pop("cls.predictions.decoder.bias")
     return sd

@@ -35,10 +35,9 @@ def wordpiece_from_vocab(
     [0, 0, 0, 0, 1, 1]
     """
     vocab: dict[str, int] = {}
-    for line in vocab_file.read_text(encoding="utf-8").splitlines():
-        token = line.rstrip("\n")
-        if token and token not in vocab:
-            vocab[token] = len(vocab)
+    with vocab_file.open(encoding="utf-8") as f:  # as transformers' load_vocab: id = line number, even for
+        for i, line in enumerate(f.readlines()):  # a blank line or a repeat (the last one wins); only \n
+            vocab[line.rstrip("\n")] = i          # (and \r\n) ends a line, not U+2028 and friends
     for needed in ("[UNK]", "[CLS]", "[SEP]"):
         if needed not in vocab:
             raise CheckpointError(
