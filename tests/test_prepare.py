@@ -229,3 +229,15 @@ def test_single_text_file_still_gets_a_val_split(bpe, tmp_path):
     # no val split asked for: the one document stays one document
     meta = prepare([str(src)], bpe, tmp_path / "whole", val_fraction=0, progress=False)
     assert meta["splits"]["train"]["documents"] == 1 and meta["split_lone_document"] is False
+
+
+def test_tiktoken_forced_refuses_when_the_guard_finds_a_difference(bpe, corpus, tmp_path, monkeypatch,
+                                                                   capsys):
+    from lmforge.data import prepare as prep
+
+    monkeypatch.setattr(prep, "check_fast_path", lambda tok, texts: "doc 0 token 3: 17 != 18")
+    with pytest.raises(ConfigError, match="--encoder tiktoken would change the shards"):
+        prepare([], bpe, tmp_path / "t", encoder="tiktoken", documents=corpus[:5], progress=False)
+    assert not (tmp_path / "t").exists()
+    meta = prepare([], bpe, tmp_path / "a", encoder="auto", documents=corpus[:5], progress=False)
+    assert meta["splits"]["train"]["tokens"] > 0 and "using tokenizers" in capsys.readouterr().out

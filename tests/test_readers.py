@@ -149,6 +149,12 @@ def test_glob_and_recursive_folder(tmp_path):
     assert read(str(tmp_path / "c/**/*.jsonl"))[0] == ["2"]
 
 
+def test_quoted_glob_expands_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path / "d/a.txt", "a")
+    assert read("~/d/*.txt")[0] == ["a"] and read("~/d/a.txt")[0] == ["a"]
+
+
 def test_named_source_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     entry = tmp_path / "sources" / "shakespeare"

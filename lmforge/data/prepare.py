@@ -313,6 +313,9 @@ def _pick_backend(tok: Tokenizer, encoder: str, sample: list[str]) -> tuple[str,
             break
     diff = check_fast_path(tok, check)
     if diff:
+        if encoder == "tiktoken":
+            raise ConfigError(f"--encoder tiktoken would change the shards: tiktoken and tokenizers disagree "
+                              f"({diff}); use --encoder auto or tokenizers")
         return "tokenizers", f"fast path off: tiktoken and tokenizers disagree ({diff}); using tokenizers"
     return "tiktoken", None
 

@@ -29,6 +29,7 @@ import glob
 import gzip
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +111,8 @@ def resolve(spec: str | Path) -> list[Path]:
             raise DataError(f"folder {path} holds no {supported} files")
         return files
     if any(c in spec for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+        pattern = os.path.expanduser(spec)  # "~/data/*.txt" quoted: the shell did not expand the ~
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"glob {spec!r} matches no files; check the pattern (quote it in the shell)")
         bad = [p for p in files if not _kind(p)]
