@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +197,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp` (str, int, float, bool, X | None, list[str])."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
@@ -300,13 +301,30 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             key, raw = arg[2:], args[i + 1]
             i += 1
         value = yaml.safe_load(raw) if raw != "" else ""
-        node = out
         parts = key.split(".")
+        if _is_text(_field_type(parts)) and not isinstance(value, (str, list, dict)) and value is not None:
+            value = raw  # a text field takes the text as typed: --train.out_dir=007 is '007', not '7'
+        node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
         i += 1
     return out
+
+
+def _field_type(parts: list[str]) -> Any:
+    """The annotation of the dotted config field `parts` (None when there is no such field)."""
+    tp: Any = RunConfig
+    for part in parts:
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _is_text(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                         and [a for a in typing.get_args(tp) if a is not type(None)] == [str])
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

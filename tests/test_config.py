@@ -34,6 +34,14 @@ def test_dotted_overrides_are_typed():
     assert parse_overrides(["--generate.stop=[a, b]"]) == {"generate": {"stop": ["a", "b"]}}
 
 
+def test_text_fields_keep_overrides_as_typed():
+    # YAML alone would read these as 7, 1000.0 and True
+    cfg = load_config("gpt-tiny", ["--train.out_dir=007", "--data.tokenizer=1e3", "--data.shards=yes",
+                                   "--train.seed=007"])
+    assert (cfg.train.out_dir, cfg.data.tokenizer, cfg.data.shards) == ("007", "1e3", "yes")
+    assert cfg.train.seed == 7
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
