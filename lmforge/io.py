@@ -1,7 +1,8 @@
 """Small file helpers: atomic writes, so a crash never leaves a half-written file behind.
 
-The pattern everywhere: write to a temp name in the same folder, fsync, then `os.replace`.
-For whole folders (checkpoints, token shards, fetched sources) build `NAME.tmp-XXXX/` and rename it.
+The pattern everywhere: write to a temp name in the same folder, fsync, then `os.replace` (and fsync
+the folder, so the rename is durable too). For whole folders (checkpoints, token shards, fetched
+sources) build `NAME.tmp-XXXX/`, fsync every file in it, and rename it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)  # the rename itself survives a power loss
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -58,6 +60,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         yield tmp
+        _fsync_tree(tmp)  # contents on disk before the name: never a complete-looking folder of empty files
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would honour the umask
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -69,3 +72,27 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_dir(final.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (new names, renames); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,6 +1,8 @@
 """Checkpoints: weights_only-loadable state, keep-last-K, exact resume (mid-cycle too), clear errors."""
 
+import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -46,6 +48,28 @@ def test_resume_at_step_boundary_is_bitwise_exact(tmp_path):
     got, cfg = run_stopped_then_resumed(tmp_path, (3, 0), max_steps=6, grad_accum=2)
     assert_bitwise(ref, got)
     assert (tmp_path / "cut" / "run" / "checkpoints" / "step-000006").is_dir()
+
+
+def test_ctrl_c_checkpoints_raises_and_resumes_exactly(tmp_path):
+    train = dict(max_steps=5, grad_accum=3, save_every=100)
+    ref = run_uninterrupted(tmp_path, **train)
+    cfg = tiny_cfg(tmp_path / "cut", **train)
+    first = make_trainer(cfg)
+
+    def press_ctrl_c(step, micro):
+        if (step, micro) == (2, 1):
+            os.kill(os.getpid(), signal.SIGINT)  # a real signal, through the Trainer's handler
+        return False
+
+    first.should_stop = press_ctrl_c
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert first.step == 2
+    assert [p.name for p in (tmp_path / "cut" / "run" / "checkpoints").iterdir()] == ["step-000002-micro-2"]
+    second = make_trainer(cfg, init_seed=123)
+    second.fit(resume=True)
+    assert_bitwise(ref, weights(second.model))
 
 
 def test_resume_inside_an_accumulation_cycle_is_bitwise_exact(tmp_path):
@@ -189,6 +213,30 @@ def test_checkpoints_follow_the_umask(tmp_path):
     assert ckpt.stat().st_mode & 0o777 == 0o755
     assert (ckpt / "config.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "run" / "run.yaml").stat().st_mode & 0o777 == 0o644
+
+
+def test_checkpoint_files_reach_the_disk_before_the_folder_is_named(tmp_path, monkeypatch):
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        synced.append(f"rename {os.fspath(src)} -> {os.fspath(dst)}")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    make_trainer(tiny_cfg(tmp_path, max_steps=1)).fit()
+    ckpts = tmp_path / "run" / "checkpoints"
+    final = ckpts / "step-000001"
+    rename = next(i for i, e in enumerate(synced) if e.startswith("rename") and e.endswith(str(final)))
+    tmp = synced[rename].split(" ")[1]
+    before = {os.path.relpath(e, tmp) for e in synced[:rename] if e.startswith(tmp + os.sep)}
+    before = {name for name in before if not name.startswith(".")}  # temp names of atomic writes
+    assert before == {p.name for p in final.iterdir()} and len(before) >= 3
+    assert str(ckpts) in synced[rename + 1:]  # and the rename itself is flushed
 
 
 def test_resume_follows_the_configs_optimizer_settings(tmp_path):

@@ -14,7 +14,8 @@ Around it: bf16 autocast (runtime.autocast), optional torch.compile, eval on the
 `eval_every` steps (loss, perplexity, objective extras such as bits per byte), logging (tqdm bar with
 loss, tokens/s, MFU and ETA; RUN/metrics.jsonl; TensorBoard under RUN/tb; RUN/loss.png at the end) and
 checkpoints (train/checkpoint.py). A stop request (SIGINT, train.max_time, or the `should_stop` hook)
-is honoured after any micro-batch: the checkpoint then holds the partial gradients of the cycle.
+is honoured after any micro-batch: the checkpoint then holds the partial gradients of the cycle. After
+a SIGINT stop `fit` raises KeyboardInterrupt once the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -103,11 +104,14 @@ class Trainer:
         self._open_logs(resume)
         old_handler = self._install_sigint()
         try:
-            return self._loop(stream, micro0, grads0, loss0)
+            result = self._loop(stream, micro0, grads0, loss0)
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
             self._close_logs()
+        if self._interrupted:  # the checkpoint is on disk; now behave as Ctrl-C does (the CLI exits 130)
+            raise KeyboardInterrupt
+        return result
 
     def _loop(self, stream, micro0: int, grads0, loss0: float) -> dict[str, float]:
         t, model, obj = self.t, self.model, self.objective
