@@ -241,3 +241,16 @@ def test_tiktoken_forced_refuses_when_the_guard_finds_a_difference(bpe, corpus, 
     assert not (tmp_path / "t").exists()
     meta = prepare([], bpe, tmp_path / "a", encoder="auto", documents=corpus[:5], progress=False)
     assert meta["splits"]["train"]["tokens"] > 0 and "using tokenizers" in capsys.readouterr().out
+
+
+def test_shards_and_runs_kept_inside_the_data_folder_are_not_read_as_data(bpe, corpus, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, doc in enumerate(corpus[:20]):
+        (data / f"{i:02d}.txt").write_text(doc, encoding="utf-8")
+    first = prepare([str(data)], bpe, data / "shards", val_fraction=0.1, progress=False)
+    (data / "run").mkdir()
+    (data / "run" / "run.yaml").write_text("train: {}\n")
+    (data / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    again = prepare([str(data)], bpe, data / "shards", val_fraction=0.1, progress=False)
+    assert again["splits"] == first["splits"] and first["splits"]["train"]["documents"] == 18

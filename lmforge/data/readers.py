@@ -105,8 +105,7 @@ def resolve(spec: str | Path) -> list[Path]:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {supported} (or .gz)")
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _kind(p)
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(_folder_files(path))
         if not files:
             raise DataError(f"folder {path} holds no {supported} files")
         return files
@@ -125,6 +124,22 @@ def resolve(spec: str | Path) -> list[Path]:
         return [sources.ensure(spec)]
     names = ", ".join(sources.SOURCES)
     raise DataError(f"{spec}: no such file, folder or named source; named sources: {names}")
+
+
+def _folder_files(root: Path) -> Iterator[Path]:
+    """Supported files under `root`, leaving out hidden entries and lmforge's own outputs kept there
+    (a shard folder: meta.json + tokenizer.json; a run dir: run.yaml), so `--data data/` still reads
+    only the data after `prepare --out data/shards`."""
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _is_output(Path(folder, d))]
+        for name in names:
+            if not name.startswith(".") and _kind(Path(folder, name)):
+                yield Path(folder, name)
+
+
+def _is_output(folder: Path) -> bool:
+    return (folder / "run.yaml").is_file() or ((folder / "meta.json").is_file()
+                                               and (folder / "tokenizer.json").is_file())
 
 
 def _open(path: Path) -> IO[bytes]:
