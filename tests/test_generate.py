@@ -226,6 +226,45 @@ def _run_dir(tmp_path, family_cfg=GPT2, vocab=300):
     return run, tok
 
 
+def test_package_level_api_is_the_text_functions_in_a_fresh_interpreter(tmp_path):
+    """README: lmforge.load + lmforge.generate, also after the submodule lmforge/generate.py is imported."""
+    import subprocess
+    import sys
+
+    run, _ = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    script = f"""
+import sys, lmforge
+assert "torch" not in sys.modules  # import lmforge stays light for the CLI
+model, tok = lmforge.load({str(run)!r})
+from lmforge.generate import generate as generate_ids
+import lmforge.generate
+a = lmforge.generate(model, tok, "the cat", max_new_tokens=4, temperature=0)
+from lmforge import generate
+b = generate(model, tok, "the cat", max_new_tokens=4, temperature=0)
+assert a == b and isinstance(a, str) and callable(generate_ids), (a, b)
+print(len(a))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_cli_into_a_closed_pipe_stops_quietly(tmp_path, monkeypatch, capsys):
+    import os
+    import sys
+
+    from lmforge.cli import main
+    run, _ = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # `| head` has already exited
+    closed = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", closed)
+    assert main(["generate", str(run), "the cat", "--max-new-tokens", "6", "--temperature", "0"]) == 141
+    closed.write("x" * 10_000)
+    closed.flush()  # now goes to /dev/null: no second error when Python flushes stdout at exit
+    closed.close()
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_cli_and_api(tmp_path, capsys):
     from lmforge import api
     from lmforge.cli import main
