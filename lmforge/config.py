@@ -102,6 +102,7 @@ class TrainConfig:
 
     objective: str = "clm"
     out_dir: str = "runs/run"
+    init_from: str = ""  # run dir / imported HF folder whose weights start a new run (fixes model.*)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "bf16"  # bf16 (autocast) | fp32

@@ -393,3 +393,22 @@ def test_mlm_only_run_resumes_from_the_cli(shards, tmp_path):
             f"--model.vocab_size={Tokenizer.load(shards / 'tok').vocab_size}"]
     assert main(args + ["--train.max_steps=2", "--train.save_every=2"]) == 0
     assert main(args + ["--train.max_steps=3", "--resume"]) == 0
+
+
+def test_mlm_run_from_an_mlm_nsp_bert_leaves_the_nsp_head_out(shards, tmp_path, capsys):
+    """--init-from a BertForPreTraining-shaped run with objective mlm: pooler + NSP are not carried over."""
+    from lmforge.cli import main
+    from lmforge.models.store import load_model
+    from lmforge.tokenizer import Tokenizer
+
+    args = ["pretrain", "bert-tiny", "--data.shards", str(shards / "shards"), "--data.tokenizer",
+            str(shards / "tok" / "tokenizer.json"), "--no-progress", "--train.tensorboard=false",
+            "--data.seq_len=32", "--train.max_steps=1"]
+    vocab = f"--model.vocab_size={Tokenizer.load(shards / 'tok').vocab_size}"
+    assert main(args + ["--objective", "mlm,nsp", "--out", str(tmp_path / "src"), vocab]) == 0
+    assert main(args + ["--objective", "mlm", "--out", str(tmp_path / "new"), "--init-from",
+                        str(tmp_path / "src"), "--train.lr=0", "--train.min_lr=0"]) == 0
+    assert "leaving out" in (err := capsys.readouterr().err) and "nsp, pooler (not trained by mlm)" in err
+    src, new = load_model(tmp_path / "src").state_dict(), load_model(tmp_path / "new").state_dict()
+    assert sorted(set(src) - set(new)) == ["nsp.bias", "nsp.weight", "pooler.bias", "pooler.weight"]
+    assert all(torch.equal(src[k], new[k]) for k in new)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 from lmforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmforge.models.gpt import GPT
@@ -292,3 +293,31 @@ def test_bits_per_byte_counts_characters_cut_between_windows():
     true_bytes = len(text.encode("utf-8"))
     assert got["bpb"] == pytest.approx(100 / true_bytes)
     assert got["bytes_per_token"] == pytest.approx(true_bytes / len(ids))
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(shards, tmp_path, capsys):
+    from lmforge import tokenizer as tk
+
+    src, new = tmp_path / "src", tmp_path / "new"
+    assert pretrain_cli("--data.shards", shards, "--out", src, "--model.vocab_size=320",
+                        "--model.n_layer=1") == 0
+    # lr 0: the new run's weights stay exactly the source's; its model comes from src/config.json
+    assert pretrain_cli("--data.shards", shards, "--out", new, "--init-from", src, "--train.lr=0",
+                        "--train.min_lr=0", "--train.max_steps=1", "--model.dropout=0.2") == 0
+    a, b = load_model(src), load_model(new)
+    assert b.cfg.n_layer == 1 and b.cfg.dropout == 0.2
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+    assert yaml.safe_load((new / "run.yaml").read_text())["config"]["train"]["init_from"] == str(src)
+    capsys.readouterr()
+    # bad input: a model key the source fixes, a tokenizer the shards were not made with, no such dir
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "x", "--init-from", src,
+                        "--model.n_layer=2") == 2
+    assert "fixes model.n_layer=1; drop --model.n_layer=2" in capsys.readouterr().err
+    tk.train("bpe", ["other words entirely"] * 20, vocab_size=280).save(src / "tokenizer.json")
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "y", "--init-from", src) == 2
+    assert "prepared with another tokenizer" in capsys.readouterr().err
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "z", "--init-from",
+                        tmp_path / "nope") == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "xyz")

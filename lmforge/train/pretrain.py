@@ -3,37 +3,46 @@
     lmforge pretrain gpt-small --data.shards data/shards --out runs/gpt-small
     lmforge pretrain gpt-small --data.shards data/shards --out runs/gpt-small --resume
     lmforge pretrain bert-small --objective mlm,nsp --data.shards data/wp-shards --train.lr=1e-4
+    lmforge pretrain gpt-small --init-from runs/hf-gpt2 --data.shards data/gpt2-shards --out runs/more
 
 CONFIG is a preset name (configs/*.yaml) or a YAML path; any `--section.key=value` overrides it.
 The tokenizer is the one `lmforge prepare` copied next to the shards (shards/tokenizer.json), unless
 --data.tokenizer names another with the same hash. The model's vocab_size must cover the tokenizer.
+--init-from DIR (train.init_from) starts a new run from the weights of a run dir or an imported HF
+folder: DIR's config.json fixes the model (only model.dropout / attn_impl may be overridden), CONFIG
+gives the rest, and the shards must use DIR's tokenizer. On --resume the weights come from the run's
+own checkpoint, as always.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
 
-from lmforge.config import load_config, merge, parse_overrides
+from lmforge.config import ModelConfig, load_config, merge, parse_overrides
 from lmforge.errors import ConfigError, DataError
 
+HEADS = ("pooler", "nsp", "mlm")  # task heads an objective may leave out of a model (bert.py)
 RUN_MARKERS = ("run.yaml", "checkpoints", "metrics.jsonl", "model.safetensors")
 
 
 def pretrain(config: str, shards: str | None = None, objective: str | None = None, out: str | None = None,
              resume: bool = False, overwrite: bool = False, overrides: list[str] | dict | None = None,
-             progress: bool = True) -> dict[str, float]:
+             progress: bool = True, init_from: str | None = None) -> dict[str, float]:
     """Train a model from CONFIG on token shards; returns the final metrics. See the module docstring."""
     from lmforge import runtime
     from lmforge.data.prepare import load_meta
     from lmforge.objectives import make_objective
     from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import apply_weights, load_weights
     from lmforge.train.trainer import Trainer
 
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-    cli = {"data": {"shards": shards}, "train": {"objective": objective, "out_dir": out}}
+    cli = {"data": {"shards": shards},
+           "train": {"objective": objective, "out_dir": out, "init_from": init_from}}
     cli = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in cli.items()}
     cfg = load_config(config, merge(over, {s: kv for s, kv in cli.items() if kv}))
     if not cfg.data.shards:
@@ -44,6 +53,8 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     if meta.get("tokenizer_hash") and tokenizer.hash != meta["tokenizer_hash"]:
         raise DataError(f"{tok_path} is not the tokenizer {cfg.data.shards} was prepared with; "
                         "drop --data.tokenizer or re-run `lmforge prepare` with it")
+    if cfg.train.init_from:
+        cfg.model = _init_model_config(Path(cfg.train.init_from), over.get("model", {}), tokenizer)
     needed = max(tokenizer.vocab_size, int(meta.get("vocab_size", 0)))
     if cfg.model.vocab_size < needed:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {needed} "
@@ -57,6 +68,14 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     runtime.seed_everything(cfg.train.seed)  # model init is part of the run's seed
     obj = make_objective(cfg, tokenizer)
     model = obj.build_model()
+    if cfg.train.init_from and not resume:
+        init, own = Path(cfg.train.init_from), model.state_dict()
+        weights = load_weights(init)
+        unused = sorted({k.split(".")[0] for k in weights if k not in own and k.split(".")[0] in HEADS})
+        if unused:  # as transformers does for BertForMaskedLM from a BertForPreTraining checkpoint
+            print(f"--init-from: leaving out {init}'s {', '.join(unused)} (not trained by "
+                  f"{cfg.train.objective})", file=sys.stderr)
+        apply_weights(model, {k: v for k, v in weights.items() if k.split(".")[0] not in unused}, init)
     trainer = Trainer(cfg, model, obj, tokenizer, progress=progress)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pretrain {cfg.train.objective}: {n_params / 1e6:.2f}M parameters, device {trainer.device}, "
@@ -66,6 +85,25 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
         shutil.rmtree(cfg.train.out_dir)
     result = trainer.fit(resume=resume)
     return result
+
+
+def _init_model_config(init: Path, model_over: dict, tokenizer) -> ModelConfig:
+    """DIR's model config, with only runtime keys overridable; DataError when DIR's tokenizer differs."""
+    from lmforge.models.store import load_config_json
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import RUNTIME_KEYS
+
+    cfg = load_config_json(init)
+    for key, value in model_over.items():
+        if key not in RUNTIME_KEYS and getattr(cfg, key, value) != value:
+            raise ConfigError(f"--init-from {init} fixes model.{key}={getattr(cfg, key)!r}; drop "
+                              f"--model.{key}={value} (only {', '.join(sorted(RUNTIME_KEYS))} can change)")
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in model_over.items() if k in RUNTIME_KEYS})
+    tok_path = init / "tokenizer.json"
+    if tok_path.is_file() and Tokenizer.load(tok_path).hash != tokenizer.hash:
+        raise DataError(f"the shards were prepared with another tokenizer than {tok_path}; re-run "
+                        f"`lmforge prepare --tokenizer {tok_path}` so the ids mean what the model learned")
+    return cfg
 
 
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
@@ -90,8 +128,12 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data.shards", dest="shards", metavar="DIR",
                         help="token shards folder from `lmforge prepare` (holds meta.json + tokenizer.json)")
     parser.add_argument("--objective", choices=("clm", "mlm", "mlm,nsp"), default=None,
+                        metavar="clm|mlm|mlm,nsp",
                         help="what to optimize (default: the config's train.objective)")
     parser.add_argument("--out", default=None, help="run dir (default: the config's train.out_dir)")
+    parser.add_argument("--init-from", dest="init_from", metavar="DIR", default=None,
+                        help="start from the weights of a run dir or imported HF folder (its config.json "
+                             "fixes the model)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out exactly from its newest good checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
@@ -103,7 +145,7 @@ def register(parser: argparse.ArgumentParser) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     result = pretrain(args.config, shards=args.shards, objective=args.objective, out=args.out,
                       resume=args.resume, overwrite=args.overwrite, overrides=args.overrides,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, init_from=args.init_from)
     keys = ("step", "loss", "val_loss", "val_bpb")
     shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if k in keys)
     print(f"done: {shown}")
