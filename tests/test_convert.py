@@ -452,3 +452,25 @@ def test_minilm_real_checkpoint_matches_transformers():
     assert report["tokens_equal"] and report["vocab_txt_tokens_equal"], report
     sims = report["cosine"]
     assert sims[0][2] > sims[1][2] + 0.2, sims  # the paraphrase pair is closer than the unrelated one
+
+
+def test_an_imported_model_trains_further_with_init_from(tmp_path, capsys):
+    """docs/interop.md: an imported folder is an ordinary run dir; `pretrain --init-from` continues it."""
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import train
+
+    make_hf("gpt2", tmp_path / "hf")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    docs = ["the cat sat on the mat and the dog sat on the log"] * 30
+    train("wordpiece", docs, vocab_size=V, min_frequency=1).save(tmp_path / "tok")
+    prepare([], tmp_path / "tok", tmp_path / "shards", documents=docs, val_fraction=0.2, progress=False)
+    args = ["pretrain", "gpt-tiny", "--init-from", str(tmp_path / "imported"), "--data.shards",
+            str(tmp_path / "shards"), "--out", str(tmp_path / "more"), "--no-progress",
+            "--train.max_steps=2", "--train.tensorboard=false", "--data.seq_len=8"]
+    assert main(args + ["--train.lr=0", "--train.min_lr=0"]) == 0
+    before, after = load_model(tmp_path / "imported"), load_model(tmp_path / "more")
+    assert after.cfg == before.cfg
+    pairs = zip(before.state_dict().values(), after.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert main(args + ["--out", str(tmp_path / "trained")]) == 0  # with a learning rate, it moves
+    assert not torch.equal(load_model(tmp_path / "trained").tok_emb.weight, before.tok_emb.weight)
