@@ -87,15 +87,23 @@ def sample_next(
 # the decoding loop
 
 
-def _check(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float) -> None:
+def _check(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+           repetition_penalty: float, flags: bool = False) -> None:
+    """One-line ConfigErrors for bad decoding settings; flags=True names them as the CLI spells them."""
+    def name(key: str) -> str:
+        return "--" + key.replace("_", "-") if flags else key
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens}")
     if temperature < 0:
-        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise ConfigError(f"{name('temperature')} must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
-        raise ConfigError(f"top_k must be >= 0 (0 or None = off), got {top_k}")
+        none = "" if flags else " or None"
+        raise ConfigError(f"{name('top_k')} must be >= 0 (0{none} = off), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+        raise ConfigError(f"{name('top_p')} must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
-        raise ConfigError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+        raise ConfigError(f"{name('repetition_penalty')} must be > 0 (1 = off), got {repetition_penalty}")
 
 
 @torch.inference_mode()
@@ -121,7 +129,7 @@ def generate(
     on_token(row, token_id) is called for every token as it is produced (streaming), just before
     stop(row's new ids) is asked about the same row.
     """
-    _check(temperature, top_k, top_p, repetition_penalty)
+    _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     ctx = model.cfg.max_seq_len
@@ -259,17 +267,19 @@ class TextStream:
 def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="a run dir (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("prompt", help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens, >= 1 "
+                        "(default 128)")
+    parser.add_argument("--temperature", type=float, default=1.0, help=">= 0; 0 = greedy (default 1)")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off (default)")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help=r"stop at this string (repeatable); \n, \t and \\ are read as escapes")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", choices=("bf16", "fp32", "int8"), default="fp32",
-                        help="weights: fp32, bf16, or int8 (weight-only, bf16 activations; fastest on CPU)")
-    parser.add_argument("--device", default="auto")
+                        help="weights: fp32 (default), bf16, or int8 (weight-only, bf16 activations; "
+                        "fastest on CPU)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     parser.set_defaults(func=_cmd_generate)
 
 
@@ -286,6 +296,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.api import load
     from lmforge.runtime import pick_device
 
+    _check(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+           flags=True)  # before loading the model: a typo costs nothing
     device = pick_device(args.device)
     model, tok = load(args.run_dir, device=device, dtype=args.dtype, pack=device.type == "cpu")
     if model.cfg.family != "gpt":

@@ -79,6 +79,9 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[dict]]:
     ids = torch.tensor([row], device=dev)  # (1, T)
     where = ids[0] == tokenizer.mask_id  # (T,)
     if not where.any():
+        if tokenizer.mask_id in tokenizer.encode(text):  # there was one, but truncation cut it off
+            raise DataError(f"the [MASK] falls after the first max_seq_len={model.cfg.max_seq_len} tokens "
+                            "(with [CLS] and [SEP]); shorten the text so the [MASK] comes earlier")
         raise DataError(f"no [MASK] in {text!r}; write the token to predict as [MASK], "
                         "e.g. \"Paris is the [MASK] of France.\"")
     logits = model(ids, mlm_positions=where[None]).mlm_logits  # (n_mask, V)

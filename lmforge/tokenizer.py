@@ -95,7 +95,7 @@ class Tokenizer:
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json (into `path` if it is a folder or has no .json suffix), atomically."""
         path = Path(path)
-        if path.suffix != ".json":
+        if path.suffix != ".json" or path.is_dir():
             path = path / "tokenizer.json"
         atomic_write_text(path, self.inner.to_str(pretty=True))
         return path
@@ -243,6 +243,8 @@ def train(
     >>> tok.decode(tok.encode("hello"))
     'hello'
     """
+    if extra_ids < 0:
+        raise ConfigError(f"--extra-ids must be >= 0 (the number of <extra_id_N> sentinels), got {extra_ids}")
     tok, specials = build(kind, lowercase=lowercase, extra_ids=extra_ids)
     floor = len(specials) + (256 if kind == "bpe" else 1)
     if vocab_size <= floor:
@@ -404,7 +406,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", required=True, metavar="SPEC",
                    help="named source, file, glob or folder (txt/jsonl/csv/parquet); repeatable")
     p.add_argument("--vocab-size", type=int, required=True, help="total vocabulary, specials included")
-    p.add_argument("--out", required=True, help="folder to write tokenizer.json into")
+    p.add_argument("--out", required=True, help="folder to write tokenizer.json into, or a path ending in "
+                   ".json: the file itself")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer.json at --out")
     p.add_argument("--text-field", default="text", help="column / JSON key holding the text (default: text)")
     p.add_argument("--cased", action="store_true", help="wordpiece: keep case (default lowercases)")
     p.add_argument("--extra-ids", type=int, default=100, help="unigram: number of <extra_id_N> sentinels")
@@ -429,13 +433,28 @@ def _documents(specs: list[str], text_field: str, stats_obj=None) -> Iterator[st
         yield from iter_documents(spec, text_field=text_field, stats=stats_obj)
 
 
+def _out_file(out: str, overwrite: bool) -> Path:
+    """`--out`: a folder (tokenizer.json goes into it) or a path ending in .json (that very file)."""
+    path = Path(out)
+    if path.suffix == ".json" and not path.is_dir():
+        file = path
+    elif path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; give a folder or a path ending in .json")
+    else:
+        file = path / "tokenizer.json"
+    if file.exists() and not overwrite:
+        raise ConfigError(f"{file} already exists; pass --overwrite to replace it, or choose another --out")
+    return file
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     t0 = time.time()
+    out = _out_file(args.out, args.overwrite)  # before training: a refusal costs nothing
     tok = train(
         args.type, _documents(args.data, args.text_field), args.vocab_size, lowercase=not args.cased,
         extra_ids=args.extra_ids, min_frequency=args.min_frequency, show_progress=sys.stderr.isatty(),
     )
-    path = tok.save(args.out)
+    path = tok.save(out)
     print(f"wrote {path}: {tok.kind}, vocab size {tok.vocab_size:,}, {time.time() - t0:.1f}s")
     return 0
 

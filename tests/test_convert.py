@@ -429,6 +429,19 @@ def test_existing_output_needs_force(tmp_path, capsys):
     ]
 
 
+def test_import_without_tokenizer_warns_once_on_stderr(tmp_path, capsys):
+    make_hf("gpt2", tmp_path / "hf")  # save_pretrained writes no tokenizer files
+    capsys.readouterr()
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: "), err
+    assert "has no tokenizer" in err and "no tokenizer.json" in err and "copy" in err, err
+    assert not (tmp_path / "run" / "tokenizer.json").exists()
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    convert.import_hf(tmp_path / "hf", tmp_path / "run2")  # with a tokenizer: silent
+    assert capsys.readouterr().err == "" and (tmp_path / "run2" / "tokenizer.json").is_file()
+
+
 @pytest.mark.slow
 def test_minilm_real_checkpoint_matches_transformers():
     """all-MiniLM-L6-v2 through our converter equals transformers.AutoModel (token + sentence embeddings).

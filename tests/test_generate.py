@@ -125,6 +125,9 @@ def test_context_limits():
         generate(m, [[0] * 9], max_new_tokens=1)
     with pytest.raises(ConfigError, match="temperature"):
         generate(m, [[0]], temperature=-1)
+    for bad in (0, -1):  # no silent empty output
+        with pytest.raises(ConfigError, match=f"max_new_tokens must be >= 1, got {bad}"):
+            generate(m, [[0]], max_new_tokens=bad)
 
 
 def _model(flavour):
@@ -292,6 +295,18 @@ def test_cli_and_api(tmp_path, capsys):
     assert main(["generate", str(run), "the cat " * 40, "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert "the prompt is" in err and "context is 48" in err
+    # bad decoding flags: one line naming the flag, checked before the model is loaded
+    for flag, value, message in [("--max-new-tokens", "-1", "--max-new-tokens must be >= 1, got -1"),
+                                 ("--max-new-tokens", "0", "--max-new-tokens must be >= 1, got 0"),
+                                 ("--top-k", "-1", "--top-k must be >= 0 (0 = off), got -1"),
+                                 ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
+                                 ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
+                                 ("--temperature", "-1", "--temperature must be >= 0 (0 = greedy), got -1.0"),
+                                 ("--repetition-penalty", "0", "--repetition-penalty must be > 0")]:
+        assert main(["generate", str(tmp_path / "nowhere"), "the cat", flag, value]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1, captured.err
+        assert captured.out == ""
     # int8 weights: same API, and on this tiny model the greedy text agrees with fp32
     model8, _ = api.load(run, dtype="int8")
     assert type(model8.head).__name__ == "Int8Linear" and model8.tok_emb.weight.dtype == torch.bfloat16

@@ -98,6 +98,11 @@ def test_cli_fill_mask(runs, tok, capsys):
     assert preds == json.loads(json.dumps(fill_mask(model, tok, "the cat [MASK] on the mat.", 3)))
     assert main(["fill-mask", str(runs / "mlm"), "no mask here"]) == 2
     assert "no [MASK]" in capsys.readouterr().err
+    long = "the cat sat on the mat. " * 20 + "[MASK]"  # > max_seq_len=64 tokens before the [MASK]
+    assert main(["fill-mask", str(runs / "mlm"), long]) == 2
+    err = capsys.readouterr().err
+    assert "falls after the first max_seq_len=64 tokens" in err and "no [MASK]" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
     assert main(["fill-mask", str(runs / "none"), "the [MASK]."]) == 2  # a backbone has no MLM head
     assert "no MLM head" in capsys.readouterr().err
 

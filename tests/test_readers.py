@@ -129,8 +129,13 @@ def test_labeled_jsonl_and_csv(tmp_path):
     assert list(iter_labeled(tmp_path / "l.jsonl")) == [("good", "1"), ("bad", "neg")]
     write(tmp_path / "l.csv", "sentence,y\nfine,pos\n")
     assert list(iter_labeled(tmp_path / "l.csv", "sentence", "y")) == [("fine", "pos")]
-    with pytest.raises(DataError, match=r"l.jsonl:1: no field 'y' .*pass --label-field"):
+    # iter_labeled is Python only: the fix names its argument, not a CLI flag that does not exist
+    with pytest.raises(DataError, match=r"l.jsonl:1: no field 'y' .*pass label_field=NAME to pick one"):
         list(iter_labeled(tmp_path / "l.jsonl", label_field="y"))
+    with pytest.raises(DataError, match=r"l.csv: no field 'label' .*pass label_field=NAME to pick one"):
+        list(iter_labeled(tmp_path / "l.csv", "sentence"))
+    with pytest.raises(DataError, match=r"l.jsonl:1: no field 'body' .*pass --text-field NAME to pick one"):
+        list(iter_labeled(tmp_path / "l.jsonl", text_field="body"))
     with pytest.raises(DataError, match="labeled data must be"):
         list(iter_labeled(write(tmp_path / "t.txt", "x")))
 

@@ -155,6 +155,50 @@ def test_cli_train_and_stats(corpus, tmp_path, capsys):
     assert "vocab size" in out and "tokens/char" in out and "tokens/word" in out
 
 
+def test_cli_train_out_never_overwrites_silently(tmp_path, capsys):
+    data = tmp_path / "docs.txt"
+    data.write_text("the cat sat on the mat\n" * 50)
+    args = ["tokenizer", "train", "--type", "bpe", "--data", str(data), "--vocab-size", "270"]
+    assert main([*args, "--out", str(tmp_path / "tok")]) == 0
+    first = (tmp_path / "tok" / "tokenizer.json").read_text()
+    (tmp_path / "tok" / "tokenizer.json").write_text(first + " ")  # ours: must survive a refusal
+    # a folder and the same folder's tokenizer.json name the same file; both refuse without --overwrite
+    for out in (tmp_path / "tok", tmp_path / "tok" / "tokenizer.json"):
+        capsys.readouterr()
+        assert main([*args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "pass --overwrite" in err, err
+        assert str(tmp_path / "tok" / "tokenizer.json") in err
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == first + " "
+    assert main([*args, "--out", str(tmp_path / "tok"), "--overwrite"]) == 0
+    assert (tmp_path / "tok" / "tokenizer.json").read_text() == first
+    # a path ending in .json is the output file itself (any name); a plain file is not a folder
+    assert main([*args, "--out", str(tmp_path / "other" / "bpe.json")]) == 0
+    assert Tokenizer.load(tmp_path / "other" / "bpe.json").hash == Tokenizer.load(tmp_path / "tok").hash
+    (tmp_path / "notes").write_text("mine")
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "notes")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes").read_text() == "mine"
+    # the Python API keeps replacing, as quickstart relies on; a folder named *.json is a folder
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert tok.save(tmp_path / "tok") == tmp_path / "tok" / "tokenizer.json"
+    (tmp_path / "dir.json").mkdir()
+    assert tok.save(tmp_path / "dir.json") == tmp_path / "dir.json" / "tokenizer.json"
+
+
+def test_negative_extra_ids_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--extra-ids must be >= 0"):
+        train("unigram", ["a b c"] * 10, vocab_size=200, extra_ids=-1)
+    data = tmp_path / "docs.txt"
+    data.write_text("the cat sat on the mat\n" * 50)
+    assert main(["tokenizer", "train", "--type", "unigram", "--data", str(data), "--vocab-size", "200",
+                 "--extra-ids", "-1", "--out", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --extra-ids must be >= 0") and err.count("\n") == 1, err
+    assert not (tmp_path / "tok").exists()
+
+
 @pytest.mark.parametrize("sequence", [False, True], ids=["template", "sequence"])
 def test_prompts_start_with_bos_where_the_tokenizer_says_so(toks, sequence):
     """Llama-style files put <s> in front of every encoding; a generation prompt must have it too,

@@ -174,9 +174,10 @@ def _read_text(path: Path, stats: ReadStats) -> Iterator[str]:
         yield "".join(parts)
 
 
-def _field_error(where: str, field: str, keys: list[str], flag: str) -> DataError:
+def _field_error(where: str, field: str, keys: list[str], how: str) -> DataError:
+    """how: the fix, '--text-field NAME' (a CLI flag) or 'label_field=NAME' (iter_labeled is Python only)."""
     return DataError(f"{where}: no field {field!r} (fields: {', '.join(keys) or 'none'}); "
-                     f"pass {flag} NAME to pick one")
+                     f"pass {how} to pick one")
 
 
 def _read_jsonl(path: Path, text_field: str, label_field: str | None, stats: ReadStats) -> Iterator[tuple]:
@@ -210,7 +211,7 @@ def _pick(obj, text_field: str, label_field: str | None, where: str) -> tuple:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object with {text_field!r}, got {type(obj).__name__}")
     if text_field not in obj:
-        raise _field_error(where, text_field, list(obj), "--text-field")
+        raise _field_error(where, text_field, list(obj), "--text-field NAME")
     text = obj[text_field]
     if text is not None and not isinstance(text, str):
         raise DataError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string; "
@@ -218,7 +219,7 @@ def _pick(obj, text_field: str, label_field: str | None, where: str) -> tuple:
     if label_field is None:
         return text or "", None
     if label_field not in obj or obj[label_field] is None:
-        raise _field_error(where, label_field, list(obj), "--label-field")
+        raise _field_error(where, label_field, list(obj), "label_field=NAME")
     return text or "", str(obj[label_field])
 
 
@@ -243,7 +244,7 @@ def _read_csv(path: Path, text_field: str, label_field: str | None, stats: ReadS
         lab = None
         if label_field is not None:
             if label_field not in header:
-                raise _field_error(f"{path}", label_field, header, "--label-field")
+                raise _field_error(f"{path}", label_field, header, "label_field=NAME")
             lab = header.index(label_field)
         rows = iter(peek)
         for lineno, row in enumerate(_chain(rows, reader), 2):
@@ -277,7 +278,7 @@ def _csv_column(path: Path, header: list[str], rows: list[list[str]], text_field
     texty = [i for i in range(len(header)) if any(not _numeric(r[i]) for r in rows if i < len(r))]
     if len(texty) == 1:
         return texty[0]
-    raise _field_error(str(path), text_field, header, "--text-field")
+    raise _field_error(str(path), text_field, header, "--text-field NAME")
 
 
 def _read_parquet(path: Path, text_field: str, label_field: str | None, stats: ReadStats) -> Iterator[tuple]:
@@ -296,7 +297,7 @@ def _read_parquet(path: Path, text_field: str, label_field: str | None, stats: R
     if col not in names:
         strings = [f.name for f in schema if str(f.type) in ("string", "large_string", "binary")]
         if len(strings) != 1:
-            raise _field_error(str(path), text_field, names, "--text-field")
+            raise _field_error(str(path), text_field, names, "--text-field NAME")
         col = strings[0]
     kind = schema.field(col).type
     while pa.types.is_dictionary(kind):  # a categorical column of strings reads as strings
@@ -307,7 +308,7 @@ def _read_parquet(path: Path, text_field: str, label_field: str | None, stats: R
     cols = [col]
     if label_field is not None:
         if label_field not in names:
-            raise _field_error(str(path), label_field, names, "--label-field")
+            raise _field_error(str(path), label_field, names, "label_field=NAME")
         cols.append(label_field)
     for batch in pf.iter_batches(batch_size=1024, columns=cols):
         texts = batch.column(0).to_pylist()

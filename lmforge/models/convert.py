@@ -243,7 +243,11 @@ def _check_out(out_dir: Path, force: bool) -> None:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> ModelConfig:
-    """HF folder -> our run dir: config.json (our ModelConfig), model.safetensors, tokenizer.json."""
+    """HF folder -> our run dir: config.json (our ModelConfig), model.safetensors, tokenizer.json.
+
+    A folder without a tokenizer still imports (weights only), with a warning on stderr: the run dir
+    then has no tokenizer.json until one is copied in."""
+    import sys
     from dataclasses import asdict
 
     from safetensors.torch import save_file
@@ -259,6 +263,10 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> M
             tok.save(str(tmp / "tokenizer.json"))
         atomic_write_json(tmp / "source.json",
                           {"converted_from": str(Path(hf_dir).resolve()), "architecture": arch})
+    if tok is None:  # weights-only is legitimate, but generate / fill-mask need a tokenizer.json
+        print(f"warning: {hf_dir} has no tokenizer (tokenizer.json, vocab.txt or vocab.json + merges.txt), "
+              f"so {out_dir} has no tokenizer.json; copy the model's tokenizer.json into {out_dir} before "
+              "`lmforge generate` / `fill-mask`", file=sys.stderr)
     return cfg
 
 

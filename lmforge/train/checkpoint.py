@@ -15,6 +15,8 @@ Layout (one folder per checkpoint, renamed into place only when complete, via `i
     optimizer   optimizer.state_dict()              stream    data position at the START of the cycle
     rng         torch / numpy / python / cuda RNG   grads     {param name: accumulated grad} if micro > 0
     loss_acc    summed loss of the micro-batches done so far in the cycle (for the logged step loss)
+    grad_accum, batch_size   the cycle's shape (a mid-cycle resume must use the same)
+No scheduler state: the LR is a pure function of the step (optim.lr_at).
 
 Resuming mid-cycle restores the cycle's start position, re-reads the cycle's micro-batches (needed
 anyway: the whole cycle's target count divides every micro-batch loss), puts the saved partial grads
