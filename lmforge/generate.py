@@ -298,7 +298,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     _check(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
            flags=True)  # before loading the model: a typo costs nothing
-    device = pick_device(args.device)
+    device = pick_device(args.device, flag="--device")
     model, tok = load(args.run_dir, device=device, dtype=args.dtype, pack=device.type == "cpu")
     if model.cfg.family != "gpt":
         raise ConfigError(f"{args.run_dir} holds a {model.cfg.family} model; generate needs a gpt run dir "

@@ -38,7 +38,7 @@ def load_encoder(run: str | Path, device: str = "cpu"):
     from lmforge.api import load
     from lmforge.runtime import pick_device
 
-    model, tok = load(run, device=pick_device(device))
+    model, tok = load(run, device=pick_device(device, flag="--device"))
     if model.cfg.family != "bert":
         raise CheckpointError(f"{run} holds a {model.cfg.family!r} model; fill-mask and embed need an "
                               "encoder (model.family=bert)")

@@ -11,12 +11,12 @@ import torch
 from lmforge.errors import ConfigError
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; 'cuda:1' -> that device (error if absent)."""
+def pick_device(name: str = "auto", flag: str = "--train.device") -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda:1' -> that device (error if absent, naming `flag`)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use --train.device=cpu")
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use {flag}=cpu")
     try:
         return torch.device(name)
     except RuntimeError:

@@ -347,3 +347,12 @@ def test_text_keeps_the_space_a_metaspace_decoder_drops_at_the_start():
     text = api.generate(model, tok, "the cat", max_new_tokens=2, temperature=0)
     expect = 2 * word.replace("▁", " ")
     assert text == expect and tok.decode(prompt) + text == tok.decode(prompt + [w, w])
+
+
+def test_generate_without_cuda_names_its_own_device_flag(tmp_path, monkeypatch, capsys):
+    from lmforge.cli import main
+
+    run, _ = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", str(run), "the cat", "--device", "cuda"]) == 2
+    assert "use --device=cpu" in capsys.readouterr().err
