@@ -94,9 +94,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json (into `path` if it is a folder or has no .json suffix), atomically."""
-        path = Path(path)
-        if path.suffix != ".json" or path.is_dir():
-            path = path / "tokenizer.json"
+        path = save_path(path)
         atomic_write_text(path, self.inner.to_str(pretty=True))
         return path
 
@@ -184,6 +182,12 @@ class Tokenizer:
 
 # ---------------------------------------------------------------------------------------------
 # training
+
+
+def save_path(path: str | Path) -> Path:
+    """Where `Tokenizer.save(path)` writes: path/tokenizer.json for a folder or a name without .json."""
+    path = Path(path)
+    return path / "tokenizer.json" if path.suffix != ".json" or path.is_dir() else path
 
 
 def build(kind: str, lowercase: bool = True, extra_ids: int = 100) -> tuple[_HFTokenizer, list[str]]:
@@ -435,13 +439,9 @@ def _documents(specs: list[str], text_field: str, stats_obj=None) -> Iterator[st
 
 def _out_file(out: str, overwrite: bool) -> Path:
     """`--out`: a folder (tokenizer.json goes into it) or a path ending in .json (that very file)."""
-    path = Path(out)
-    if path.suffix == ".json" and not path.is_dir():
-        file = path
-    elif path.exists() and not path.is_dir():
+    file = save_path(out)
+    if file != Path(out) and Path(out).is_file():
         raise ConfigError(f"--out {out} is a file, not a folder; give a folder or a path ending in .json")
-    else:
-        file = path / "tokenizer.json"
     if file.exists() and not overwrite:
         raise ConfigError(f"{file} already exists; pass --overwrite to replace it, or choose another --out")
     return file
