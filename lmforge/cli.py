@@ -16,7 +16,7 @@ from lmforge.errors import LmforgeError
 
 VERBS: dict[str, tuple[str, str]] = {
     "data": ("lmforge.data.sources", "list and fetch named real corpora"),
-    "tokenizer": ("lmforge.tokenizer", "train a BPE / WordPiece / Unigram tokenizer; print stats"),
+    "tokenizer": ("lmforge.tokenizer_cli", "train a BPE / WordPiece / Unigram tokenizer; print stats"),
     "prepare": ("lmforge.data.prepare", "text -> uint16/uint32 token shards + meta.json"),
     "model": ("lmforge.models.info", "model info CONFIG: parameters, FLOPs per token, memory"),
     "pretrain": ("lmforge.train.pretrain", "pretrain a model (clm | mlm | mlm,nsp) with the one Trainer"),

@@ -10,7 +10,8 @@ from transformers import PreTrainedTokenizerFast
 
 from lmforge.cli import main
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.tokenizer import Tokenizer, language_of, stats, train
+from lmforge.tokenizer import Tokenizer, train
+from lmforge.tokenizer_cli import language_of, stats
 
 ZH = ["今天天气很好，我们去公园散步。", "人工智能正在改变世界。", "学习语言模型需要大量的数据。",
       "他说：“你好！”"]
