@@ -18,9 +18,14 @@ def pick_device(name: str = "auto", flag: str = "--train.device") -> torch.devic
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but CUDA is not available; use {flag}=cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device {name!r} is not valid; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ConfigError(f"device {name!r} asked for but this machine has {n} CUDA device(s) "
+                          f"(cuda:0..cuda:{n - 1}); use {flag}=cuda:0")
+    return device
 
 
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:

@@ -46,3 +46,21 @@ def test_peak_flops_cpu_scales_with_threads_and_dtype():
     cpu = torch.device("cpu")
     assert runtime.peak_flops(cpu, "bf16") == 4 * runtime.peak_flops(cpu, "fp32")
     assert runtime.peak_flops(cpu, "bf16") == torch.get_num_threads() * 2.5e9 * 256
+
+
+def test_pick_device_checks_cuda_and_its_index(monkeypatch):
+    from lmforge.errors import ConfigError
+
+    assert runtime.pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not valid"):
+        runtime.pick_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"CUDA is not available; use --device=cpu"):
+        runtime.pick_device("cuda", flag="--device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a one-GPU machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.pick_device("cuda:0") == torch.device("cuda:0")
+    assert runtime.pick_device("cuda") == torch.device("cuda")
+    msg = r"has 1 CUDA device\(s\) \(cuda:0..cuda:0\); use --train.device=cuda:0"
+    with pytest.raises(ConfigError, match=msg):
+        runtime.pick_device("cuda:3")
