@@ -412,3 +412,29 @@ def test_mlm_run_from_an_mlm_nsp_bert_leaves_the_nsp_head_out(shards, tmp_path, 
     src, new = load_model(tmp_path / "src").state_dict(), load_model(tmp_path / "new").state_dict()
     assert sorted(set(src) - set(new)) == ["nsp.bias", "nsp.weight", "pooler.bias", "pooler.weight"]
     assert all(torch.equal(src[k], new[k]) for k in new)
+
+
+def test_mlm_nsp_run_from_an_encoder_only_bert_starts_its_heads_fresh(shards, tmp_path, capsys):
+    """--init-from a bare encoder (heads none, HF BertModel-shaped): as BertForPreTraining.from_pretrained
+    does, the encoder and pooler are loaded and the MLM / NSP heads start newly initialised."""
+    import dataclasses
+
+    from lmforge.cli import main
+    from lmforge.config import load_config
+    from lmforge.models.store import build_model, load_model
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import save_model_files
+
+    tok = Tokenizer.load(shards / "tok")
+    cfg = dataclasses.replace(load_config("bert-tiny").model, vocab_size=tok.vocab_size, heads="none")
+    torch.manual_seed(1)
+    save_model_files(build_model(cfg), tok, tmp_path / "encoder")
+    args = ["pretrain", "bert-tiny", "--data.shards", str(shards / "shards"), "--data.tokenizer",
+            str(shards / "tok" / "tokenizer.json"), "--no-progress", "--train.tensorboard=false",
+            "--data.seq_len=32", "--train.max_steps=1", "--train.lr=0", "--train.min_lr=0"]
+    assert main(args + ["--objective", "mlm,nsp", "--out", str(tmp_path / "new"),
+                        "--init-from", str(tmp_path / "encoder")]) == 0
+    assert "has no mlm, nsp head; it starts newly initialised" in capsys.readouterr().err
+    src, new = load_model(tmp_path / "encoder").state_dict(), load_model(tmp_path / "new").state_dict()
+    assert {k.split(".")[0] for k in set(new) - set(src)} == {"mlm", "nsp"}
+    assert all(torch.equal(src[k], new[k]) for k in src)  # encoder + pooler carried over (lr 0)

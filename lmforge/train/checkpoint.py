@@ -176,10 +176,12 @@ def check_model_config(ckpt: Path, model_cfg) -> None:
             )
 
 
-def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], ckpt: Path) -> None:
+def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], ckpt: Path,
+                  fresh: tuple[str, ...] = ()) -> None:
     """Copy saved tensors into `model` in place (the optimizer keeps pointing at the same Parameters).
 
-    Tied weights are stored once; a missing key is fine when it shares storage with a loaded one.
+    Tied weights are stored once; a missing key is fine when it shares storage with a loaded one, or
+    when it lies under one of the `fresh` submodules (e.g. "mlm."), which keep their initialisation.
     """
     own = model.state_dict(keep_vars=True)
     loaded_ptrs = set()
@@ -195,7 +197,8 @@ def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], ckpt: Path
                 )
             own[name].copy_(tensor)
             loaded_ptrs.add(own[name].data_ptr())
-    missing = [n for n, t in own.items() if n not in weights and t.data_ptr() not in loaded_ptrs]
+    missing = [n for n, t in own.items() if n not in weights and t.data_ptr() not in loaded_ptrs
+               and not n.startswith(fresh)]
     if missing:
         raise CheckpointError(f"{ckpt.name}/model.safetensors lacks {missing[0]!r}; "
                               "the checkpoint is incomplete")

@@ -71,11 +71,19 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     if cfg.train.init_from and not resume:
         init, own = Path(cfg.train.init_from), model.state_dict()
         weights = load_weights(init)
+        # heads differ between objectives; as transformers does (BertForMaskedLM from a BertForPreTraining
+        # checkpoint, BertForPreTraining from a bare BertModel), extra heads are dropped, missing ones
+        # start from their fresh initialisation
         unused = sorted({k.split(".")[0] for k in weights if k not in own and k.split(".")[0] in HEADS})
-        if unused:  # as transformers does for BertForMaskedLM from a BertForPreTraining checkpoint
+        fresh = sorted({k.split(".")[0] for k in own if k not in weights and k.split(".")[0] in HEADS})
+        if unused:
             print(f"--init-from: leaving out {init}'s {', '.join(unused)} (not trained by "
                   f"{cfg.train.objective})", file=sys.stderr)
-        apply_weights(model, {k: v for k, v in weights.items() if k.split(".")[0] not in unused}, init)
+        if fresh:
+            print(f"--init-from: {init} has no {', '.join(fresh)} head; it starts newly initialised",
+                  file=sys.stderr)
+        apply_weights(model, {k: v for k, v in weights.items() if k.split(".")[0] not in unused}, init,
+                      fresh=tuple(f"{h}." for h in fresh))
     trainer = Trainer(cfg, model, obj, tokenizer, progress=progress)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"pretrain {cfg.train.objective}: {n_params / 1e6:.2f}M parameters, device {trainer.device}, "
