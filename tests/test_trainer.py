@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -164,6 +165,24 @@ def test_nan_before_any_checkpoint_says_to_start_again(tmp_path):
     trainer = Trainer(cfg, GPT(cfg.model), NaNAfter(cfg, bad_call=2), progress=False)
     with pytest.raises(TrainingError, match="no checkpoint was written; .* run again with --overwrite$"):
         trainer.fit()
+
+
+def test_tokens_per_s_leaves_out_the_first_step(tmp_path):
+    """The first step compiles kernels (seconds); the first logged tokens/s measures the steps after it."""
+    cfg = tiny_cfg(tmp_path, max_steps=3, log_every=3)
+    trainer = make_trainer(cfg)
+    real_loss, calls = trainer.objective.loss, []
+
+    def slow_first(model, batch):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)  # stands in for compiling
+        return real_loss(model, batch)
+
+    trainer.objective.loss = slow_first
+    out = trainer.fit()
+    tokens_of_3_steps = 3 * cfg.train.batch_size * SEQ
+    assert out["step"] == 3 and out["tokens_per_s"] > tokens_of_3_steps / 1.0  # impossible with the sleep
 
 
 def test_max_time_stops_gracefully_with_checkpoint(tmp_path):

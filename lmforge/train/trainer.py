@@ -118,6 +118,7 @@ class Trainer:
         model.train()
         start = time.monotonic()
         tick, tick_tokens, tick_steps = start, 0, 0
+        first_step = True  # this invocation's first step compiles the fused kernels
         bar = self._bar()
         last: dict[str, float] = {}
         stopped = False
@@ -139,6 +140,9 @@ class Trainer:
             self.step += 1
             tick_tokens += sum(obj.n_tokens(b) for b in batches)
             tick_steps += 1
+            if first_step and self.step % t.log_every and self.step < t.max_steps:
+                tick, tick_tokens = time.monotonic(), 0  # the first step compiles kernels: not in tokens/s
+            first_step = False
 
             if self.step % t.log_every == 0 or self.step == t.max_steps:
                 now = time.monotonic()
