@@ -46,7 +46,7 @@ def _finish(model: torch.nn.Module, dtype: str | torch.dtype | None, pack: bool)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         pack: bool = False) -> tuple[torch.nn.Module, Tokenizer]:
+         pack: bool = False, need_tokenizer: bool = False) -> tuple[torch.nn.Module, Tokenizer | None]:
     """A run dir (config.json + model.safetensors + tokenizer.json) -> (model in eval mode, tokenizer).
 
     dtype: None (as saved, fp32) | "fp32" | "bf16" | "fp16" | a torch.dtype | "int8" (weight-only
@@ -56,7 +56,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     GPU, not saveable). `lmforge generate` does this; leave it off to fine-tune, save or export.
 
     A Hugging Face folder (config.json with model_type) is read in memory through
-    `lmforge.models.convert.load_hf(path, device, dtype) -> (model, tokenizer)`.
+    `lmforge.models.convert.load_hf(path, device, dtype) -> (model, tokenizer)`; its tokenizer is None
+    when the folder has no tokenizer files, which is a CheckpointError with need_tokenizer=True.
     """
     path = Path(path)
     try:
@@ -69,6 +70,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
             raise CheckpointError(f"{path} is a Hugging Face folder; import it first with "
                                   f"`lmforge convert --from hf {path} OUT_DIR` and load OUT_DIR")
         model, tok = load_hf(path, device=device, dtype=_dtype(dtype))
+        if tok is None and need_tokenizer:
+            raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, vocab.txt or vocab.json + "
+                                  "merges.txt); copy the model's tokenizer files into it")
         return _finish(model, dtype, pack), tok
     model = _finish(load_model(path, device=device, dtype=_dtype(dtype)), dtype, pack)
     if not (path / "tokenizer.json").is_file():

@@ -95,14 +95,14 @@ def _check(max_new_tokens: int, temperature: float, top_k: int | None, top_p: fl
 
     if max_new_tokens < 1:
         raise ConfigError(f"{name('max_new_tokens')} must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:  # written so that NaN fails too
         raise ConfigError(f"{name('temperature')} must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         none = "" if flags else " or None"
         raise ConfigError(f"{name('top_k')} must be >= 0 (0{none} = off), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ConfigError(f"{name('top_p')} must be in (0, 1], got {top_p}")
-    if repetition_penalty <= 0:
+    if not repetition_penalty > 0:
         raise ConfigError(f"{name('repetition_penalty')} must be > 0 (1 = off), got {repetition_penalty}")
 
 
@@ -299,7 +299,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _check(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
            flags=True)  # before loading the model: a typo costs nothing
     device = pick_device(args.device, flag="--device")
-    model, tok = load(args.run_dir, device=device, dtype=args.dtype, pack=device.type == "cpu")
+    model, tok = load(args.run_dir, device=device, dtype=args.dtype, pack=device.type == "cpu",
+                      need_tokenizer=True)
     if model.cfg.family != "gpt":
         raise ConfigError(f"{args.run_dir} holds a {model.cfg.family} model; generate needs a gpt run dir "
                           "(use fill-mask or embed for encoders)")

@@ -38,7 +38,7 @@ def load_encoder(run: str | Path, device: str = "cpu"):
     from lmforge.api import load
     from lmforge.runtime import pick_device
 
-    model, tok = load(run, device=pick_device(device, flag="--device"))
+    model, tok = load(run, device=pick_device(device, flag="--device"), need_tokenizer=True)
     if model.cfg.family != "bert":
         raise CheckpointError(f"{run} holds a {model.cfg.family!r} model; fill-mask and embed need an "
                               "encoder (model.family=bert)")
@@ -78,15 +78,17 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[dict]]:
     (row,) = _encode(tokenizer, [text], model.cfg.max_seq_len)
     ids = torch.tensor([row], device=dev)  # (1, T)
     where = ids[0] == tokenizer.mask_id  # (T,)
-    if not where.any():
-        if tokenizer.mask_id in tokenizer.encode(text):  # there was one, but truncation cut it off
-            raise DataError(f"the [MASK] falls after the first max_seq_len={model.cfg.max_seq_len} tokens "
-                            "(with [CLS] and [SEP]); shorten the text so the [MASK] comes earlier")
+    n_masks = tokenizer.encode(text).count(tokenizer.mask_id)
+    if n_masks == 0:
         raise DataError(f"no [MASK] in {text!r}; write the token to predict as [MASK], "
                         "e.g. \"Paris is the [MASK] of France.\"")
-    logits = model(ids, mlm_positions=where[None]).mlm_logits  # (n_mask, V)
-    probs = F.softmax(logits.float(), dim=-1)
-    p, idx = probs.topk(min(top_k, probs.shape[-1]), dim=-1)  # (n_mask, k)
+    if int(where.sum()) < n_masks:  # truncation cut one off
+        raise DataError(f"a [MASK] falls after the first max_seq_len={model.cfg.max_seq_len} tokens "
+                        "(with [CLS] and [SEP]); shorten the text so every [MASK] comes earlier")
+    logits = model(ids, mlm_positions=where[None]).mlm_logits.float()  # (n_mask, V)
+    logits[:, tokenizer.vocab_size:] = float("-inf")  # rows past the tokenizer (a padded vocab) spell nothing
+    probs = F.softmax(logits, dim=-1)
+    p, idx = probs.topk(min(top_k, tokenizer.vocab_size), dim=-1)  # (n_mask, k)
     return [[{"token": tokenizer.id_to_token(int(i)), "id": int(i), "prob": float(q)} for q, i in zip(pr, ir)]
             for pr, ir in zip(p.tolist(), idx.tolist())]
 
@@ -124,8 +126,13 @@ def read_texts(path: str | Path, text_field: str | None = None) -> list[str]:
     """Lines of a text file (blank lines skipped), or `text_field` of each JSONL record."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"input file {path} does not exist; give --input a text or JSONL file")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"input file {path} {what}; give --input a text or JSONL file")
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. "
+                        f"`iconv -f latin1 -t utf-8`") from None
     if text_field is None and path.suffix != ".jsonl":
         texts = lines
     else:

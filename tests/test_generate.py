@@ -302,7 +302,9 @@ def test_cli_and_api(tmp_path, capsys):
                                  ("--top-p", "0", "--top-p must be in (0, 1], got 0.0"),
                                  ("--top-p", "1.5", "--top-p must be in (0, 1], got 1.5"),
                                  ("--temperature", "-1", "--temperature must be >= 0 (0 = greedy), got -1.0"),
-                                 ("--repetition-penalty", "0", "--repetition-penalty must be > 0")]:
+                                 ("--temperature", "nan", "--temperature must be >= 0 (0 = greedy), got nan"),
+                                 ("--repetition-penalty", "0", "--repetition-penalty must be > 0"),
+                                 ("--repetition-penalty", "nan", "--repetition-penalty must be > 0")]:
         assert main(["generate", str(tmp_path / "nowhere"), "the cat", flag, value]) == 2
         captured = capsys.readouterr()
         assert captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1, captured.err

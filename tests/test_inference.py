@@ -136,3 +136,47 @@ def test_a_gpt_run_is_refused(tok, tmp_path, capsys):
     (tmp_path / "in.txt").write_text("a cat\n")
     assert main(["embed", str(tmp_path / "gpt"), "--input", str(tmp_path / "in.txt")]) == 2
     assert "need an encoder" in capsys.readouterr().err
+
+
+def test_fill_mask_never_offers_ids_past_the_tokenizer(tok, tmp_path, capsys):
+    """A model vocab padded past the tokenizer (as HF checkpoints often are): those rows spell no token."""
+    cfg = ModelConfig(family="bert", vocab_size=tok.vocab_size + 30, max_seq_len=64, n_layer=1, n_head=2,
+                      d_model=32, d_ff=64, heads="mlm")
+    model = BertForPreTraining(cfg).eval()
+    with torch.no_grad():
+        model.mlm.bias[tok.vocab_size:] = 100.0  # the padding rows would win every top-k
+    save_model(model, tmp_path / "padded")
+    tok.save(tmp_path / "padded")
+    got = fill_mask(model, tok, "the [MASK] sat.", top_k=tok.vocab_size + 10)[0]
+    assert len(got) == tok.vocab_size and all(c["id"] < tok.vocab_size and c["token"] for c in got)
+    assert abs(sum(c["prob"] for c in got) - 1) < 1e-4
+    assert main(["fill-mask", str(tmp_path / "padded"), "the [MASK] sat.", "--top-k", "2"]) == 0
+    assert capsys.readouterr().out.count("\n") == 3
+
+
+def test_fill_mask_refuses_when_truncation_cuts_one_of_several_masks(runs, capsys):
+    text = "the [MASK] sat. " + "the cat sat on the mat. " * 20 + "[MASK]"
+    assert main(["fill-mask", str(runs / "mlm"), text]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: a [MASK] falls after the first max_seq_len=64") and err.count("\n") == 1
+
+
+def test_embed_input_that_is_not_utf8_or_is_a_folder(runs, tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    for src, message in [(tmp_path / "latin1.txt", "is not UTF-8 text (byte 3)"),
+                         (tmp_path, "is a folder, not a file")]:
+        assert main(["embed", str(runs / "none"), "--input", str(src)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_an_hf_folder_without_tokenizer_is_one_line(tok, tmp_path, capsys):
+    _, hf = make_pair(tok, "mlm")
+    hf.save_pretrained(tmp_path / "hf")  # weights + config.json, no tokenizer files
+    (tmp_path / "in.txt").write_text("a cat\n")
+    capsys.readouterr()  # save_pretrained's progress bar
+    for argv in (["fill-mask", str(tmp_path / "hf"), "the [MASK]."],
+                 ["embed", str(tmp_path / "hf"), "--input", str(tmp_path / "in.txt")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "has no tokenizer" in err and err.count("\n") == 1, err
