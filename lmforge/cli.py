@@ -2,7 +2,8 @@
 its arguments and sets `func` (and, for verbs that take config overrides, `overrides=True`).
 
 Modules are imported only when their verb runs, so `lmforge --help` stays fast. Every
-`LmforgeError` becomes one line on stderr and exit code 2; no traceback for user mistakes.
+`LmforgeError`, and any OSError the system raises on a path, becomes one line on stderr and exit
+code 2; no traceback for user mistakes.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lmforge generate ... | head`: the reader left; stop quietly, as `cat` would
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         return 141  # 128 + SIGPIPE, what a shell reports for a tool the pipe killed
+    except OSError as e:  # a path the system refuses: a file where a folder must go, no permission, disk full
+        if debug or e.strerror is None:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror}{where}; check the path, its permissions and free disk space",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

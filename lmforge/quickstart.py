@@ -14,6 +14,7 @@ of optimizer steps (so the LR schedule completes), with `--max-time` as a safety
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 import time
@@ -29,11 +30,15 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
                vocab_size: int = 8192, steps: int | None = None, max_time: float = 480.0,
                prompts: list[str] | None = None, overrides: list[str] | None = None) -> dict:
     from lmforge import api, tokenizer
+    from lmforge.config import load_config, merge, parse_overrides
     from lmforge.data.prepare import prepare
     from lmforge.data.readers import ReadStats, iter_documents
     from lmforge.train.pretrain import pretrain
 
     t0 = time.time()
+    over = merge({"train": {"max_time": max_time, **({"max_steps": steps} if steps else {})}},
+                 parse_overrides(overrides or []))
+    load_config(preset, over)  # a typo in the preset or an override fails now, before anything is deleted
     root = Path(out)
     if root.exists():  # a quickstart dir is always rebuilt from scratch
         if not (root / "quickstart.txt").exists():
@@ -61,12 +66,7 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
 
     _step(4, f"pretrain: {preset} on the CPU (or GPU if present)")
     run = root / "run"
-    over = {"train": {"max_time": max_time}, "model": {"vocab_size": tok.vocab_size}}
-    if steps:
-        over["train"]["max_steps"] = steps
-    from lmforge.config import merge, parse_overrides
-
-    over = merge(over, parse_overrides(overrides or []))
+    over = merge({"model": {"vocab_size": tok.vocab_size}}, over)
     metrics = pretrain(preset, shards=str(shards), out=str(run), overrides=over)
 
     _step(5, "samples")
@@ -82,7 +82,8 @@ run dir: {run}  (config.json, model.safetensors, tokenizer.json, run.yaml, metri
 next:
   lmforge generate {run} "ROMEO." --temperature 0.8 --top-k 50
   tensorboard --logdir {run}/tb
-  lmforge pretrain {preset} --data.shards {shards} --train.out_dir {run} --resume --train.max_steps=2000
+  lmforge pretrain {preset} --data.shards {shards} --train.out_dir {run} --resume --train.max_steps=2000 \\
+    --model.vocab_size={tok.vocab_size}{"".join(" " + shlex.quote(o) for o in overrides or [])}
   lmforge quickstart --data austen --out runs/austen     # or your own: --data 'my_texts/*.txt'
   lmforge convert --to-hf {run} runs/hf-export           # load it with transformers
 """)

@@ -382,7 +382,7 @@ def test_mlm_objective_rejects_a_gpt():
         MaskedLM(load_config("gpt-tiny", {"train": {"objective": "mlm"}})).build_model()
 
 
-def test_mlm_only_run_resumes_from_the_cli(shards, tmp_path):
+def test_mlm_only_run_resumes_from_the_cli(shards, tmp_path, capsys):
     """mlm builds a BERT without the NSP head; resume must compare against that model, not the preset."""
     from lmforge.cli import main
     from lmforge.tokenizer import Tokenizer
@@ -393,6 +393,10 @@ def test_mlm_only_run_resumes_from_the_cli(shards, tmp_path):
             f"--model.vocab_size={Tokenizer.load(shards / 'tok').vocab_size}"]
     assert main(args + ["--train.max_steps=2", "--train.save_every=2"]) == 0
     assert main(args + ["--train.max_steps=3", "--resume"]) == 0
+    # resumed without its --objective (the preset's is mlm,nsp): the fix named is the objective
+    capsys.readouterr()
+    assert main([a for a in args if a not in ("--objective", "mlm")] + ["--resume"]) == 2
+    assert "pass the run's own --objective" in capsys.readouterr().err
 
 
 def test_mlm_run_from_an_mlm_nsp_bert_leaves_the_nsp_head_out(shards, tmp_path, capsys):

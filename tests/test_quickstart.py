@@ -1,10 +1,12 @@
 """The quickstart runs the whole pipeline on the user's own file and leaves a loadable run dir."""
 
 import json
+import shlex
 
 import pytest
 
 from lmforge import api
+from lmforge.cli import main
 from lmforge.errors import ConfigError
 from lmforge.quickstart import quickstart
 
@@ -28,7 +30,18 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert json.loads((out / "shards" / "meta.json").read_text())["splits"]["train"]["tokens"] > 0
     model, tok = api.load(run)
     assert model.cfg.vocab_size == tok.vocab_size
-    assert "--- 'CITIZEN'" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--- 'CITIZEN'" in printed
+    # the printed resume command works as printed (the tokenizer's vocab is not the preset's)
+    resume = printed.split("  lmforge pretrain ", 1)[1].split("\n  lmforge quickstart", 1)[0]
+    argv = ["pretrain", *shlex.split(resume.replace("\\\n", " "))]
+    argv = [a.replace("--train.max_steps=2000", "--train.max_steps=5") for a in argv] + ["--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
+    # a bad override fails before the old quickstart dir is touched
+    with pytest.raises(ConfigError, match="lrr"):
+        quickstart(data=str(_corpus(tmp_path)), out=str(out), preset="gpt-tiny", overrides=["--train.lrr=1"])
+    assert (run / "model.safetensors").is_file()
 
 
 def test_quickstart_refuses_foreign_out_dir(tmp_path):

@@ -270,9 +270,23 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(shards, tmp_p
                         "--objective", "mlm") == 2
     assert "error: " in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
+    # ... nor before the data is known to suit the objective (BPE shards have no [MASK] for mlm)
+    from lmforge.cli import main
+    assert main(["pretrain", "bert-tiny", "--objective", "mlm", "--data.shards", str(shards), "--out",
+                 str(out), "--model.vocab_size=320", "--overwrite", "--no-progress"]) == 2
+    assert "error: " in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
     assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--overwrite",
                         "--train.max_steps=2") == 0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_an_out_path_under_a_file_is_one_line(shards, tmp_path, capsys):
+    (tmp_path / "afile").write_text("not a folder")
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "afile" / "run",
+                        "--model.vocab_size=320") == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the run's banner line
+    assert last.startswith("error: Not a directory") and "afile" in last, last
 
 
 def test_clm_with_an_encoder_config_is_one_line(shards, tmp_path, capsys):

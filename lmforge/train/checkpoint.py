@@ -169,6 +169,12 @@ def check_model_config(ckpt: Path, model_cfg) -> None:
     for key, value in ours.items():
         if key in RUNTIME_KEYS or key not in saved:
             continue
+        if saved[key] != value and key == "heads":  # the objective picks a BERT's heads
+            raise CheckpointError(
+                f"cannot resume: checkpoint {ckpt.name} was trained with heads {saved[key]!r} but this run's "
+                f"objective builds {value!r}; pass the run's own --objective (mlm,nsp -> heads mlm,nsp, "
+                "mlm -> heads mlm)"
+            )
         if saved[key] != value:
             raise CheckpointError(
                 f"cannot resume: checkpoint {ckpt.name} has model.{key}={saved[key]!r} but the config says "

@@ -89,7 +89,8 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     print(f"pretrain {cfg.train.objective}: {n_params / 1e6:.2f}M parameters, device {trainer.device}, "
           f"{cfg.train.dtype}, {cfg.train.max_steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} "
           f"x {seq_len} tokens -> {cfg.train.out_dir}", file=sys.stderr)
-    if replace:  # only now that the config, data and model are known good
+    if replace:  # only now that the config, data and model are known good: the train stream builds too
+        next(obj.stream("train", cfg.train.batch_size, cfg.train.seed, trainer.rank, trainer.world_size))
         shutil.rmtree(cfg.train.out_dir)
     result = trainer.fit(resume=resume)
     return result
