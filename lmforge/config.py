@@ -63,15 +63,15 @@ class ModelConfig:
         _choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))
         _choice("model.attn_impl", self.attn_impl, ("sdpa", "math"))
         _choice("model.heads", self.heads, ("mlm,nsp", "mlm", "none"))
+        for name in ("vocab_size", "max_seq_len", "n_layer", "n_head", "d_model"):  # before any division
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
         if self.kv_heads < 1 or self.n_head % self.kv_heads:
             raise ConfigError(
                 f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}"
             )
-        for name in ("vocab_size", "max_seq_len", "n_layer", "n_head", "d_model"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def kv_heads(self) -> int:

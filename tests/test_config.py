@@ -51,6 +51,7 @@ def test_text_fields_keep_overrides_as_typed():
         (["--train.compile=3"], "train.compile must be true or false"),
         (["--model.norm=batchnorm"], "choose one of: layernorm, rmsnorm"),
         (["--model.n_head=5"], "divisible"),
+        (["--model.n_head=0"], "model.n_head must be >= 1, got 0"),  # checked before d_model % n_head
         (["--train.save_every=0"], "train.save_every must be >= 1"),
         (["--train.log_every=0"], "train.log_every must be >= 1"),
         (["--train.lr=-1"], "train.lr must be >= 0"),

@@ -283,6 +283,24 @@ def _edit_config(hf_dir: Path, **kw) -> None:
     (hf_dir / "config.json").write_text(json.dumps(cfg))
 
 
+def _set(**kw):
+    """A breaker: config.json gets these keys."""
+    return lambda d: _edit_config(d, **kw)
+
+
+def _bin_file(data: bytes):
+    """A breaker: the weights become a pytorch_model.bin holding `data`."""
+    return lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(data))
+
+
+def _truncated_bin(d: Path) -> None:
+    from safetensors.torch import load_file
+
+    torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes((d / "pytorch_model.bin").read_bytes()[:3000])
+
+
 BAD = {  # name -> (case, how to break the folder, what the one-line error must say)
     "missing": (
         "llama-gqa-untied",
@@ -313,6 +331,23 @@ BAD = {  # name -> (case, how to break the folder, what the one-line error must 
     ),
     "no-config": ("gpt2", lambda d: (d / "config.json").unlink(), "has no config.json"),
     "no-weights": ("gpt2", lambda d: (d / "model.safetensors").unlink(), "has no weights"),
+    "bin-garbage": ("gpt2", _bin_file(b"hello world garbage"), "pytorch_model.bin is not a PyTorch weights"),
+    "bin-git-lfs": ("gpt2", _bin_file(b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n"),
+                    "is not a PyTorch weights file .*a git-lfs pointer"),
+    "bin-html": ("gpt2", _bin_file(b"<!DOCTYPE html><html>Not found</html>"), "is not a PyTorch weights"),
+    "bin-truncated": ("gpt2", _truncated_bin, "pytorch_model.bin is not a readable PyTorch weights file"),
+    "index-shard-not-str": ("gpt2", lambda d: (d / "model.safetensors").unlink()
+                            or (d / "model.safetensors.index.json").write_text('{"weight_map": {"a": 1}}'),
+                            "has no weight_map of tensor name -> shard file name"),
+    # config.json values of the wrong type or range: one line naming the key, never a traceback
+    "n_layer-str": ("gpt2", _set(n_layer="2"), "config.json n_layer='2' must be an integer"),
+    "n_embd-float": ("gpt2", _set(n_embd=32.0), "config.json n_embd=32.0 must be an integer"),
+    "n_layer-bool": ("bert-mlm", _set(num_hidden_layers=True), "num_hidden_layers=True must be an integer"),
+    "eps-str": ("gpt2", _set(layer_norm_epsilon="x"), "layer_norm_epsilon='x' must be a number"),
+    "n_head-0": ("gpt2", _set(n_head=0), "model.n_head must be >= 1, got 0"),
+    "llama-heads-0": ("llama-gqa-tied", _set(num_attention_heads=0), "model.n_head must be >= 1, got 0"),
+    "architectures-dict": ("gpt2", _set(architectures={"a": 1}), "must be a list of class names"),
+    "architectures-str": ("gpt2", _set(architectures="GPT2LMHeadModel"), "must be a list of class names"),
 }
 
 
@@ -330,15 +365,74 @@ def test_bad_checkpoint_is_one_line_error_and_no_output(bad, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["hf"]  # no temp folder left behind either
 
 
-def test_output_that_is_a_file_is_one_line_error(tmp_path, capsys):
+def test_output_that_is_or_is_under_a_file_is_one_line_error(tmp_path, capsys):
     make_hf("gpt2", tmp_path / "hf")
-    (tmp_path / "afile").write_text("mine")
+    convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
     capsys.readouterr()
-    for extra in ([], ["--force"]):
-        assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "afile"), *extra]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and "is a file, not a folder" in err and err.count("\n") == 1
-    assert (tmp_path / "afile").read_text() == "mine"
+    for way, src in (("--from-hf", "hf"), ("--to-hf", "run")):
+        for out, needle in ((afile, "is a file, not a folder"), (afile / "out" / "x", "afile is a file, so")):
+            for extra in ([], ["--force"]):
+                assert main(["convert", way, str(tmp_path / src), str(out), *extra]) == 2
+                err = capsys.readouterr().err
+                assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert afile.read_text() == "mine"
+
+
+def _run_dir(path: Path, **kw) -> None:
+    """A tiny lmforge run dir (config.json + model.safetensors, no tokenizer), GPT-2 flavour unless kw."""
+    from lmforge.config import ModelConfig
+    from lmforge.models.store import build_model, save_model
+
+    cfg = {"vocab_size": 32, "max_seq_len": 16, "n_layer": 1, "n_head": 2, "d_model": 16, **kw}
+    save_model(build_model(ModelConfig(**cfg)), path)
+
+
+def _big_tokenizer(run_dir: Path) -> None:
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({t: i for i, t in enumerate(VOCAB)}, unk_token="[UNK]")).save(
+        str(run_dir / "tokenizer.json"))
+
+
+BAD_RUN = {  # name -> (ModelConfig overrides, how to break the run dir, what the one-line error must say)
+    "bert-swiglu": (dict(family="bert", heads="mlm", norm_position="post", mlp="swiglu"), None,
+                    "model.mlp='swiglu' has no Hugging Face BertForMaskedLM equivalent"),
+    "bert-rmsnorm": (dict(family="bert", heads="none", norm_position="post", norm="rmsnorm"), None,
+                     "model.norm='rmsnorm' has no Hugging Face BertModel equivalent"),
+    "gpt2-swiglu": (dict(mlp="swiglu"), None, "model.mlp='swiglu' has no Hugging Face GPT2LMHeadModel"),
+    "n_head-0": ({}, _set(n_head=0), "config.json: model.n_head must be >= 1, got 0"),
+    "config-null": ({}, lambda d: (d / "config.json").write_text("null"), "config.json must hold a JSON"),
+    "tokenizer-too-big": ({}, _big_tokenizer, f"the tokenizer has {V} ids but the model's vocab_size is 32"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_RUN))
+def test_bad_run_dir_export_is_one_line_error_and_no_output(bad, tmp_path, capsys):
+    kw, breaker, message = BAD_RUN[bad]
+    _run_dir(tmp_path / "run", **kw)
+    if breaker:
+        breaker(tmp_path / "run")
+    assert main(["convert", "--to-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no output, no temp folder
+
+
+@pytest.mark.parametrize("case,key", [("gpt2", "activation_function"), ("bert-mlm", "hidden_act"),
+                                      ("llama-gqa-tied", "hidden_act")])
+def test_absent_activation_key_means_what_transformers_assumes(case, key, tmp_path):
+    """GPT2Config defaults activation_function to gelu_new (tanh), BertConfig hidden_act to gelu (erf)."""
+    make_hf(case, tmp_path / "hf", initializer_range=0.3)  # large activations: the two GELUs differ visibly
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.pop(key)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = getattr(transformers, CASES[case][3]).from_pretrained(tmp_path / "hf").eval()
+    model, _ = convert.load_hf(tmp_path / "hf")
+    ids, mask, types = inputs()
+    assert_same(hf_outputs(hf, case, ids, mask, types), our_outputs(model, case, ids, mask, types), mask)
 
 
 def test_export_of_mismatched_run_dir_is_refused(tmp_path):

@@ -78,14 +78,23 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror or type(e).__name__})") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip, or its older raw pickle
+        raise CheckpointError(f"{path} is not a PyTorch weights file (its first bytes are {head!r}: a "
+                              "git-lfs pointer or a saved web page?); re-download it")
+    try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"{path} holds objects other than tensors, which lmforge will not unpickle; convert it to "
             "safetensors with a tool you trust"
         ) from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a readable PyTorch weights file ({e}); re-download") from None
+    except Exception as e:  # a damaged file fails anywhere in torch.load: KeyError, struct.error, EOFError...
+        why = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise CheckpointError(f"{path} is not a readable PyTorch weights file ({why}); re-download") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} is not a state dict (name -> tensor); give the model's weights file")
     return sd
@@ -100,8 +109,9 @@ def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
         index = hf_dir / f"{name}.index.json"
         if index.is_file():
             weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index} has no weight_map; re-download the checkpoint")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index} has no weight_map of tensor name -> shard file name; "
+                                      "re-download the checkpoint")
             out: dict[str, torch.Tensor] = {}
             for shard in sorted(set(weight_map.values())):
                 if not (hf_dir / shard).is_file():
@@ -216,11 +226,16 @@ def _read_hf(hf_dir: str | Path):
         cfg = replace(cfg, heads=_bert_heads(_canonical(weights, flavour)))
     sd = from_hf_state_dict(weights, cfg, flavour)
     tok = convert_tokenizer.tokenizer_from_hf(hf_dir)
+    _check_tokenizer_fits(hf_dir, tok, cfg)
+    return cfg, sd, tok, arch
+
+
+def _check_tokenizer_fits(folder: str | Path, tok, cfg: ModelConfig) -> None:
+    """A tokenizer (tokenizers.Tokenizer, or None: nothing to check) must give only ids the model has."""
     if tok is not None and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
         n = tok.get_vocab_size(with_added_tokens=True)
-        raise CheckpointError(f"{hf_dir}: the tokenizer has {n} ids but the model's vocab_size is "
+        raise CheckpointError(f"{folder}: the tokenizer has {n} ids but the model's vocab_size is "
                               f"{cfg.vocab_size}; the tokenizer belongs to another model")
-    return cfg, sd, tok, arch
 
 
 def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -238,6 +253,10 @@ def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch
 def _check_out(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir} is a file, not a folder; choose a new folder for the output")
+    for parent in out_dir.parents:
+        if parent.exists() and not parent.is_dir():
+            raise CheckpointError(f"{parent} is a file, so {out_dir} cannot be made; choose another folder "
+                                  "for the output")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass --force")
 
@@ -306,9 +325,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
     hf_sd = to_hf_state_dict(sd, cfg, arch)
     dtype = next(iter(sd.values())).dtype
     hf_cfg = config_to_hf(cfg, arch, dtype)
+    tok = convert_tokenizer.tokenizer_from_hf(run_dir) if (run_dir / "tokenizer.json").is_file() else None
+    _check_tokenizer_fits(run_dir, tok, cfg)
     with atomic_dir(out_dir) as tmp:
-        if (run_dir / "tokenizer.json").is_file():
-            tok = convert_tokenizer.tokenizer_from_hf(run_dir)
+        if tok is not None:
             hf_cfg.update(convert_tokenizer.write_hf_tokenizer(tok, tmp, cfg.max_seq_len))
         if ARCHITECTURES[arch] != "bert":
             gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}

@@ -37,6 +37,7 @@ DEFAULT_ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": 
 GPT2_ACTS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 BERT_HEADS = {"BertForPreTraining": "mlm,nsp", "BertForMaskedLM": "mlm", "BertModel": "none"}
+BERT_CLASS = {heads: arch for arch, heads in BERT_HEADS.items()}
 
 
 def supported() -> str:
@@ -80,16 +81,34 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
 def hf_architecture(hf: dict[str, Any]) -> str:
     """The HF class name this config describes, or a CheckpointError listing the supported ones."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else DEFAULT_ARCH.get(hf.get("model_type", ""), hf.get("model_type", "?"))
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"config.json architectures={archs!r} must be a list of class names, "
+                              'e.g. ["GPT2LMHeadModel"]; fix config.json')
+    model_type = str(hf.get("model_type", "?"))
+    arch = archs[0] if archs else DEFAULT_ARCH.get(model_type, model_type)
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"unsupported architecture {arch!r}; supported: {supported()}")
     return arch
 
 
-def _need(hf: dict[str, Any], *keys: str) -> Any:
+def _get(hf: dict[str, Any], key: str, default: Any, tp: type) -> Any:
+    """hf[key] (`default` when absent or null), checked to be a `tp`: a float may be written as an int,
+    an int never as a float or a string, and a bool is not a number."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    allowed = (int, float) if tp is float else tp
+    if isinstance(value, bool) != (tp is bool) or not isinstance(value, allowed):
+        what = {int: "an integer", float: "a number", bool: "true or false"}[tp]
+        raise CheckpointError(f"config.json {key}={value!r} must be {what}; fix config.json")
+    return float(value) if tp is float else value
+
+
+def _need(hf: dict[str, Any], *keys: str) -> int:
+    """The first of `keys` that config.json sets, an integer (every required key is a size)."""
     for k in keys:
         if hf.get(k) is not None:
-            return hf[k]
+            return _get(hf, k, None, int)
     raise CheckpointError(f"config.json lacks {keys[0]!r}; the checkpoint's config is incomplete")
 
 
@@ -99,9 +118,9 @@ def _reject(hf: dict[str, Any], key: str, ok: Any, why: str) -> None:
         raise CheckpointError(f"config.json {key}={value!r} is not supported ({why}); only {ok!r} converts")
 
 
-def _act(hf: dict[str, Any], key: str, table: dict[str, str]) -> str:
-    act = hf.get(key, "gelu")
-    if act not in table:
+def _act(hf: dict[str, Any], key: str, table: dict[str, str], default: str) -> str:
+    act = hf.get(key, default)  # default: what transformers' config class assumes when the key is absent
+    if not isinstance(act, str) or act not in table:
         raise CheckpointError(f"config.json {key}={act!r} is not supported; supported: {', '.join(table)}")
     return table[act]
 
@@ -110,13 +129,16 @@ def _rope(hf: dict[str, Any]) -> float:
     """rope_theta from either layout: transformers 5 `rope_parameters`, 4.x `rope_theta` + `rope_scaling`."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(scaling, dict):
+        raise CheckpointError("config.json rope_parameters / rope_scaling must be objects; fix config.json")
     kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if kind != "default":
         raise CheckpointError(
             f"config.json rope scaling {kind!r} is not supported (only plain RoPE); remove rope_scaling "
             "only if the model was trained without it"
         )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    theta = _get(params, "rope_theta", None, float)
+    return theta if theta is not None else _get(hf, "rope_theta", 10000.0, float)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -131,26 +153,27 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             return ModelConfig(
                 family="gpt", vocab_size=_need(hf, "vocab_size"), max_seq_len=_need(hf, "n_positions"),
                 n_layer=_need(hf, "n_layer"), n_head=_need(hf, "n_head"), d_model=d,
-                d_ff=hf.get("n_inner") or 4 * d, pos="learned", norm="layernorm",
-                norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), norm_position="pre",
-                mlp=_act(hf, "activation_function", GPT2_ACTS), bias=True,
-                tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+                d_ff=_get(hf, "n_inner", None, int) or 4 * d, pos="learned", norm="layernorm",
+                norm_eps=_get(hf, "layer_norm_epsilon", 1e-5, float), norm_position="pre",
+                mlp=_act(hf, "activation_function", GPT2_ACTS, "gelu_new"), bias=True,
+                tie_embeddings=_get(hf, "tie_word_embeddings", True, bool),
             )
         if flavour == "llama":
             _reject(hf, "hidden_act", "silu", "Llama's MLP is SwiGLU")
             _reject(hf, "attention_bias", False, "biases in attention projections")
             _reject(hf, "mlp_bias", False, "biases in MLP projections")
             d, nh = _need(hf, "hidden_size"), _need(hf, "num_attention_heads")
-            _reject(hf, "head_dim", d // nh, "head_dim must be hidden_size / num_attention_heads")
-            nkv = hf.get("num_key_value_heads") or nh
-            return ModelConfig(
+            nkv = _get(hf, "num_key_value_heads", None, int) or nh
+            cfg = ModelConfig(
                 family="gpt", vocab_size=_need(hf, "vocab_size"),
                 max_seq_len=_need(hf, "max_position_embeddings"),
                 n_layer=_need(hf, "num_hidden_layers"), n_head=nh, n_kv_head=None if nkv == nh else nkv,
                 d_model=d, d_ff=_need(hf, "intermediate_size"), pos="rope", rope_theta=_rope(hf),
-                norm="rmsnorm", norm_eps=float(hf.get("rms_norm_eps", 1e-6)), norm_position="pre",
-                mlp="swiglu", bias=False, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                norm="rmsnorm", norm_eps=_get(hf, "rms_norm_eps", 1e-6, float), norm_position="pre",
+                mlp="swiglu", bias=False, tie_embeddings=_get(hf, "tie_word_embeddings", False, bool),
             )
+            _reject(hf, "head_dim", cfg.head_dim, "head_dim must be hidden_size / num_attention_heads")
+            return cfg
         _reject(hf, "position_embedding_type", "absolute", "relative position embeddings")
         _reject(hf, "is_decoder", False, "BERT as a decoder")
         _reject(hf, "add_cross_attention", False, "cross-attention")
@@ -159,10 +182,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             max_seq_len=_need(hf, "max_position_embeddings"),
             n_layer=_need(hf, "num_hidden_layers"), n_head=_need(hf, "num_attention_heads"),
             d_model=_need(hf, "hidden_size"), d_ff=_need(hf, "intermediate_size"), pos="learned",
-            norm="layernorm", norm_eps=float(hf.get("layer_norm_eps", 1e-12)), norm_position="post",
-            mlp=_act(hf, "hidden_act", BERT_ACTS), bias=True,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            type_vocab_size=int(hf.get("type_vocab_size", 2)),
+            norm="layernorm", norm_eps=_get(hf, "layer_norm_eps", 1e-12, float), norm_position="post",
+            mlp=_act(hf, "hidden_act", BERT_ACTS, "gelu"), bias=True,
+            tie_embeddings=_get(hf, "tie_word_embeddings", True, bool),
+            type_vocab_size=_get(hf, "type_vocab_size", 2, int),
             heads=BERT_HEADS[hf_architecture(hf)],  # a guess from the class; the importer reads the tensors
         )
     except ConfigError as e:
@@ -180,17 +203,17 @@ def flavour_of(cfg: ModelConfig) -> str:
     else:
         want = dict(norm="layernorm", norm_position="pre", bias=True, n_kv_head=None)
         flavour = "gpt2"
+    arch = BERT_CLASS[cfg.heads] if flavour == "bert" else DEFAULT_ARCH[flavour]
     for key, value in want.items():
         have = getattr(cfg, key)
         if key == "n_kv_head" and have == cfg.n_head:
             have = None
         if have != value:
-            raise CheckpointError(
-                f"model.{key}={have!r} has no Hugging Face {DEFAULT_ARCH[flavour]} equivalent "
-                f"(needs {value!r})"
-            )
-    if flavour == "gpt2" and cfg.mlp not in ("gelu", "gelu_tanh"):
-        raise CheckpointError(f"model.mlp={cfg.mlp!r} has no GPT2LMHeadModel equivalent (needs gelu_tanh)")
+            raise CheckpointError(f"model.{key}={have!r} has no Hugging Face {arch} equivalent "
+                                  f"(needs {value!r})")
+    if flavour != "llama" and cfg.mlp not in ("gelu", "gelu_tanh"):
+        raise CheckpointError(f"model.mlp={cfg.mlp!r} has no Hugging Face {arch} equivalent "
+                              "(needs 'gelu' or 'gelu_tanh')")
     return flavour
 
 
@@ -226,6 +249,4 @@ def config_to_hf(cfg: ModelConfig, arch: str, dtype: torch.dtype = torch.float32
 def default_arch(cfg: ModelConfig) -> str:
     """The HF class that holds exactly this model: GPT2LMHeadModel, LlamaForCausalLM or a Bert* class."""
     flavour = flavour_of(cfg)
-    if flavour == "bert":
-        return {v: k for k, v in BERT_HEADS.items()}[cfg.heads]
-    return DEFAULT_ARCH[flavour]
+    return BERT_CLASS[cfg.heads] if flavour == "bert" else DEFAULT_ARCH[flavour]

@@ -81,6 +81,9 @@ def load_config_json(run_dir: str | Path) -> ModelConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from a checkpoint") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object (the model config); restore it from a "
+                              "checkpoint")
     try:
         return from_dict(ModelConfig, data, prefix="model.")
     except ConfigError as e:
