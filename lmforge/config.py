@@ -15,6 +15,7 @@ and wrong types raise `ConfigError` naming the key and the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import subprocess
 import types
 import typing
@@ -72,6 +73,16 @@ class ModelConfig:
             raise ConfigError(
                 f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}"
             )
+        if self.d_ff is not None and self.d_ff < 1:
+            raise ConfigError(f"model.d_ff must be >= 1 (or null: 4 * d_model), got {self.d_ff}")
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.pos=rope needs an even head size, got d_model/n_head={self.head_dim}; "
+                              "change model.d_model or model.n_head")
+        if not 0.0 <= self.dropout < 1.0:  # written so that NaN fails too, as below
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("init_std", "norm_eps", "rope_theta"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def kv_heads(self) -> int:
@@ -144,14 +155,14 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("seed", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every",
                      "keep_last"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.eps <= 0:
+        if not self.eps > 0:
             raise ConfigError(f"train.eps must be > 0, got {self.eps}")
-        if self.max_time is not None and self.max_time < 0:
+        if self.max_time is not None and not 0 <= self.max_time < math.inf:
             raise ConfigError(f"train.max_time must be >= 0 seconds (or null: no limit), got {self.max_time}")
         if not 0.0 < self.mlm_prob < 1.0:
             raise ConfigError(f"train.mlm_prob must be in (0, 1), got {self.mlm_prob}")

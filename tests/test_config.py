@@ -59,6 +59,13 @@ def test_text_fields_keep_overrides_as_typed():
         (["--train.warmup_steps=-5"], "train.warmup_steps must be >= 0"),
         (["--train.beta2=1.5"], "train.beta2 must be in [0, 1)"),
         (["--train.mlm_prob=0"], "train.mlm_prob must be in (0, 1)"),
+        (["--model.dropout=1.5"], "model.dropout must be in [0, 1), got 1.5"),
+        (["--model.d_ff=-4"], "model.d_ff must be >= 1"),
+        (["--model.init_std=-1"], "model.init_std must be > 0"),
+        (["--model.pos=rope", "--model.d_model=60", "--model.n_head=4"], "rope needs an even head size"),
+        (["--train.lr=nan"], "train.lr must be >= 0, got nan"),
+        (["--train.max_time=nan"], "train.max_time must be >= 0 seconds"),
+        (["--train.max_time=inf"], "train.max_time must be >= 0 seconds"),
     ],
 )
 def test_bad_overrides_name_the_key(args, needle):
