@@ -126,3 +126,7 @@ def test_errors(shards, tmp_path):
     (root / "train" / "shard-00001.bin").write_bytes(b"\0\0\0")  # cut inside a token
     with pytest.raises(CheckpointError, match="is truncated .* re-run `lmforge prepare`"):
         TokenWindows(root, "train", 10, 1, seed=0)
+    for bad in ("{oops", "[]", '{"splits": {}}'):  # not JSON; not an object; no dtype
+        (root / "meta.json").write_text(bad)
+        with pytest.raises(CheckpointError, match="meta.json is corrupt; re-run `lmforge prepare`"):
+            TokenWindows(root, "train", 10, 1, seed=0)

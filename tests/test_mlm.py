@@ -442,3 +442,28 @@ def test_mlm_nsp_run_from_an_encoder_only_bert_starts_its_heads_fresh(shards, tm
     src, new = load_model(tmp_path / "encoder").state_dict(), load_model(tmp_path / "new").state_dict()
     assert {k.split(".")[0] for k in set(new) - set(src)} == {"mlm", "nsp"}
     assert all(torch.equal(src[k], new[k]) for k in src)  # encoder + pooler carried over (lr 0)
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm,nsp"])
+def test_resume_refuses_another_seed_seq_len_or_data(shards, tmp_path, name):
+    import shutil
+
+    from lmforge.config import load_config
+    from lmforge.data.prepare import prepare
+    from lmforge.errors import CheckpointError
+    from lmforge.objectives import make_objective
+    from lmforge.tokenizer import Tokenizer
+
+    state = objective(shards, name).stream("train", 4, seed=3).state_dict()
+    longer = load_config("bert-tiny", {"data": {"shards": str(shards / "shards"), "seq_len": 48},
+                                       "train": {"objective": name}})
+    shutil.copytree(shards / "tok", tmp_path / "tok")  # other data: 12 documents, not 40
+    prepare([], tmp_path / "tok", tmp_path / "shards", val_docs=2, progress=False,
+            documents=[f"{WORDS[i]} {WORDS[i + 1]} sat. The {WORDS[i + 2]} ran!" for i in range(12)])
+    for stream, saved in [(objective(shards, name).stream("train", 4, seed=4), "seed=3, this run has 4"),
+                          (make_objective(longer, Tokenizer.load(shards / "tok")).stream("train", 4, seed=3),
+                           r"seq_len=\d+, this run has \d+"),
+                          (objective(tmp_path, name).stream("train", 4, seed=3), r"n_\w+=\d+, this run has")]:
+        with pytest.raises(CheckpointError, match=f"data position was saved with {saved}.*start fresh"):
+            stream.load_state_dict(state)
+    objective(shards, name).stream("train", 4, seed=3).load_state_dict(state)  # the same setup resumes

@@ -38,25 +38,35 @@ def test_txt_and_md_one_document_per_file(tmp_path):
                               replaced_bytes=0, files=3)
 
 
-def test_big_txt_is_cut_at_blank_lines(tmp_path, monkeypatch):
+def write_text(path: Path, data: str | bytes) -> Path:
+    """`data` as is, or gzipped when the name ends in .gz: either must read the same."""
+    data = data.encode() if isinstance(data, str) else data
+    return write(path, gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+@pytest.mark.parametrize("name", ["big.txt", "big.txt.gz"])
+def test_big_txt_is_cut_at_blank_lines(tmp_path, monkeypatch, name):
     monkeypatch.setattr(readers, "SPLIT_BYTES", 50)
     monkeypatch.setattr(readers, "CHUNK_BYTES", 20)
     monkeypatch.setattr(readers, "HARD_CHUNK_BYTES", 60)
     paras = ["alpha beta gamma delta\n", "\n", "epsilon zeta\n", "eta theta iota kappa\n", "\n", "lambda\n"]
-    write(tmp_path / "big.txt", "".join(paras))
-    docs, _ = read(tmp_path / "big.txt")
+    write_text(tmp_path / name, "".join(paras))
+    docs, _ = read(tmp_path / name)
     # chunk 1 ends at the first blank line after 20 bytes; no blank line falls past 20 bytes in
     # chunk 2 until its end, so it ends at the file's end
     assert docs == ["alpha beta gamma delta\n\n", "epsilon zeta\neta theta iota kappa\n\n", "lambda\n"]
     assert "".join(docs) == "".join(paras)  # nothing lost or repeated
+    monkeypatch.setattr(readers, "SPLIT_BYTES", len("".join(paras)))  # not over: one document, .gz too
+    assert read(tmp_path / name)[0] == ["".join(paras)]
 
 
-def test_big_txt_without_blank_lines_cut_at_line_ends(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["lines.txt", "lines.txt.gz"])
+def test_big_txt_without_blank_lines_cut_at_line_ends(tmp_path, monkeypatch, name):
     monkeypatch.setattr(readers, "SPLIT_BYTES", 10)
     monkeypatch.setattr(readers, "CHUNK_BYTES", 5)
     monkeypatch.setattr(readers, "HARD_CHUNK_BYTES", 12)
-    write(tmp_path / "lines.txt", "aaaa\nbbbb\ncccc\ndddd\n")
-    docs, _ = read(tmp_path / "lines.txt")
+    write_text(tmp_path / name, "aaaa\nbbbb\ncccc\ndddd\n")
+    docs, _ = read(tmp_path / name)
     assert docs == ["aaaa\nbbbb\ncccc\n", "dddd\n"]
 
 
@@ -178,10 +188,12 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     assert stats.replaced_bytes == 6 and stats.files == 3
 
 
-def test_non_utf8_in_a_big_streamed_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(readers, "SPLIT_BYTES", 4)
-    write(tmp_path / "a.txt", "héllo\n".encode() + b"\xc3\n" + "wörld\n".encode())
-    docs, stats = read(tmp_path / "a.txt")
+@pytest.mark.parametrize("name", ["a.txt", "a.txt.gz"])
+@pytest.mark.parametrize("split", [4, 2**20])  # streamed in chunks, or read whole
+def test_non_utf8_in_a_big_streamed_file(tmp_path, monkeypatch, name, split):
+    monkeypatch.setattr(readers, "SPLIT_BYTES", split)
+    write_text(tmp_path / name, "\ufeffhéllo\n".encode() + b"\xc3\n" + "wörld\n".encode())
+    docs, stats = read(tmp_path / name)
     assert "".join(docs) == "héllo\n\ufffd\nwörld\n" and stats.replaced_bytes == 1
 
 

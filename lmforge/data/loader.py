@@ -143,19 +143,25 @@ class TokenWindows:
             self.position += 1
         return torch.from_numpy(np.stack(rows))  # (B, T + 1)
 
+    def setup(self) -> dict:
+        """What shapes the order: a position is only meaningful in a stream with the same setup."""
+        return {"seed": self.seed, "seq_len": self.seq_len, "rank": self.rank, "world_size": self.world_size,
+                "shuffle": self.shuffle, "n_windows": self.n_windows}
+
     def state_dict(self) -> dict:
-        return {
-            "epoch": self.epoch, "position": self.position, "seed": self.seed, "seq_len": self.seq_len,
-            "rank": self.rank, "world_size": self.world_size, "shuffle": self.shuffle,
-            "n_windows": self.n_windows,
-        }
+        return {"epoch": self.epoch, "position": self.position, **self.setup()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue exactly where `state` was taken; the setup that shapes the order must match."""
-        for key in ("seed", "seq_len", "rank", "world_size", "shuffle", "n_windows"):
-            if key in state and state[key] != getattr(self, key):
-                raise CheckpointError(
-                    f"data position was saved with {key}={state[key]}, this run has {getattr(self, key)}; "
-                    "resume with the same data and settings or start fresh"
-                )
+        check_setup(state, self.setup())
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+
+
+def check_setup(state: dict, setup: dict) -> None:
+    """CheckpointError when a saved data position was taken with another setup (keys it lacks pass)."""
+    for key, value in setup.items():
+        if key in state and state[key] != value:
+            raise CheckpointError(
+                f"data position was saved with {key}={state[key]}, this run has {value}; "
+                "resume with the same data and settings or start fresh"
+            )

@@ -339,9 +339,12 @@ def load_meta(shard_dir: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{shard_dir} has no meta.json; run `lmforge prepare` to (re)create it")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is corrupt; re-run `lmforge prepare`") from None
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or "dtype" not in meta:
+        raise CheckpointError(f"{path} is corrupt; re-run `lmforge prepare`")
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------

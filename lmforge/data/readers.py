@@ -9,8 +9,9 @@ A spec is, in this order: an existing file or folder (folders are walked recursi
 files skipped), a glob (`data/**/*.jsonl`), or a named source from `lmforge data list`, which is
 fetched once and read from the cache. Formats by extension (add `.gz` to any but Parquet):
 
-- `.txt`, `.md`: one document per file. Files over 32 MB are cut at blank lines into documents of
-  about 1 MB (at a line end if no blank line comes for 8 MB), so no file is ever held whole.
+- `.txt`, `.md`: one document per file. Files over 32 MB (of text: a .gz counts decompressed) are
+  cut at blank lines into documents of about 1 MB (at a line end if no blank line comes for 8 MB),
+  so no file is ever held whole.
 - `.jsonl`, `.json`: one JSON object per line, text in `text_field`; a line may also be a bare JSON
   string. A `.json` file that starts with `[` is a JSON array, loaded whole: keep big data in JSONL.
 - `.csv`: a header row; the text is column `text_field`, or the only non-numeric column.
@@ -30,6 +31,7 @@ import gzip
 import io
 import json
 import os
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,26 +154,50 @@ def _open(path: Path) -> IO[bytes]:
 
 def _read_text(path: Path, stats: ReadStats) -> Iterator[str]:
     with _open(path) as f:
-        if path.suffix.lower() != ".gz" and path.stat().st_size <= SPLIT_BYTES:
-            yield decode(f.read(), stats).removeprefix("\ufeff")
+        lines = iter(lambda: f.readline(HARD_CHUNK_BYTES), b"")
+        if path.suffix.lower() != ".gz":
+            if path.stat().st_size <= SPLIT_BYTES:
+                yield decode(f.read(), stats).removeprefix("\ufeff")
+            else:
+                yield from _cut(lines, stats)
             return
-        # big (or compressed, size unknown): stream lines, cut at blank lines past CHUNK_BYTES
-        dec = codecs.getincrementaldecoder("utf-8-sig")(errors="lmforge-count")
-        parts: list[str] = []
+        # compressed: the size is known only once read; hold up to SPLIT_BYTES, then cut as above
+        head: deque[bytes] = deque()
         size = 0
-        for line in iter(lambda: f.readline(HARD_CHUNK_BYTES), b""):
-            before = _REPLACED[0]
-            parts.append(dec.decode(line))
-            stats.replaced_bytes += _REPLACED[0] - before
+        for line in lines:
+            head.append(line)
             size += len(line)
-            blank = not line.strip()
-            if (blank and size >= CHUNK_BYTES) or size >= HARD_CHUNK_BYTES:
-                yield "".join(parts)
-                parts, size = [], 0
+            if size > SPLIT_BYTES:
+                yield from _cut(_drain(head, lines), stats)
+                return
+        yield decode(b"".join(head), stats).removeprefix("\ufeff")
+
+
+def _drain(head: deque[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    """The lines of `head` (freed as they go), then the rest."""
+    while head:
+        yield head.popleft()
+    yield from rest
+
+
+def _cut(lines: Iterator[bytes], stats: ReadStats) -> Iterator[str]:
+    """A big text's lines -> documents, cut at a blank line past CHUNK_BYTES (at HARD_CHUNK_BYTES if none)."""
+    dec = codecs.getincrementaldecoder("utf-8-sig")(errors="lmforge-count")
+    parts: list[str] = []
+    size = 0
+    for line in lines:
         before = _REPLACED[0]
-        parts.append(dec.decode(b"", final=True))
+        parts.append(dec.decode(line))
         stats.replaced_bytes += _REPLACED[0] - before
-        yield "".join(parts)
+        size += len(line)
+        blank = not line.strip()
+        if (blank and size >= CHUNK_BYTES) or size >= HARD_CHUNK_BYTES:
+            yield "".join(parts)
+            parts, size = [], 0
+    before = _REPLACED[0]
+    parts.append(dec.decode(b"", final=True))
+    stats.replaced_bytes += _REPLACED[0] - before
+    yield "".join(parts)
 
 
 def _field_error(where: str, field: str, keys: list[str], how: str) -> DataError:

@@ -237,10 +237,19 @@ class NSPStream:
         self.batches += 1
         return batch
 
+    def setup(self) -> dict:
+        """What shapes the pairs and their order; see TokenWindows.setup."""
+        return {"seed": self.seed, "seq_len": self.max_len, "rank": self.rank, "world_size": self.world_size,
+                "shuffle": self.shuffle, "n_docs": len(self.docs), "n_tokens": len(self.docs.stream)}
+
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "batches": self.batches}
+        return {"epoch": self.epoch, "cursor": self.cursor, "offset": self.offset, "batches": self.batches,
+                **self.setup()}
 
     def load_state_dict(self, state: dict) -> None:
+        from lmforge.data.loader import check_setup
+
+        check_setup(state, self.setup())
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.offset, self.batches = int(state["offset"]), int(state["batches"])
         self._pairs = None
