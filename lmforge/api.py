@@ -59,17 +59,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     `lmforge.models.convert.load_hf(path, device, dtype) -> (model, tokenizer)`; its tokenizer is None
     when the folder has no tokenizer files, which is a CheckpointError with need_tokenizer=True.
     """
+    from lmforge.models import convert
+
     path = Path(path)
-    try:
-        from lmforge.models import convert
-    except ImportError:
-        convert = None
-    if convert is not None and convert.is_hf_dir(path):
-        load_hf = getattr(convert, "load_hf", None)
-        if load_hf is None:
-            raise CheckpointError(f"{path} is a Hugging Face folder; import it first with "
-                                  f"`lmforge convert --from hf {path} OUT_DIR` and load OUT_DIR")
-        model, tok = load_hf(path, device=device, dtype=_dtype(dtype))
+    if convert.is_hf_dir(path):
+        model, tok = convert.load_hf(path, device=device, dtype=_dtype(dtype))
         if tok is None and need_tokenizer:
             raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, vocab.txt or vocab.json + "
                                   "merges.txt); copy the model's tokenizer files into it")
@@ -79,9 +73,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         raise CheckpointError(f"{path / 'tokenizer.json'} is missing; copy the tokenizer used for training "
                               "into the run dir")
     tok = Tokenizer.load(path / "tokenizer.json")
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise CheckpointError(f"{path}: tokenizer has {tok.vocab_size} ids but the model's vocab_size is "
-                              f"{model.cfg.vocab_size}; the tokenizer.json does not belong to this model")
+    convert.check_tokenizer_fits(path, tok.vocab_size, model.cfg.vocab_size)
     return model, tok
 
 

@@ -226,16 +226,16 @@ def _read_hf(hf_dir: str | Path):
         cfg = replace(cfg, heads=_bert_heads(_canonical(weights, flavour)))
     sd = from_hf_state_dict(weights, cfg, flavour)
     tok = convert_tokenizer.tokenizer_from_hf(hf_dir)
-    _check_tokenizer_fits(hf_dir, tok, cfg)
+    if tok is not None:
+        check_tokenizer_fits(hf_dir, tok.get_vocab_size(with_added_tokens=True), cfg.vocab_size)
     return cfg, sd, tok, arch
 
 
-def _check_tokenizer_fits(folder: str | Path, tok, cfg: ModelConfig) -> None:
-    """A tokenizer (tokenizers.Tokenizer, or None: nothing to check) must give only ids the model has."""
-    if tok is not None and tok.get_vocab_size(with_added_tokens=True) > cfg.vocab_size:
-        n = tok.get_vocab_size(with_added_tokens=True)
-        raise CheckpointError(f"{folder}: the tokenizer has {n} ids but the model's vocab_size is "
-                              f"{cfg.vocab_size}; the tokenizer belongs to another model")
+def check_tokenizer_fits(folder: str | Path, n_ids: int, vocab_size: int) -> None:
+    """A tokenizer of `n_ids` ids must give only ids the model's embedding has (import, export, load)."""
+    if n_ids > vocab_size:
+        raise CheckpointError(f"{folder}: the tokenizer has {n_ids} ids but the model's vocab_size is "
+                              f"{vocab_size}; the tokenizer belongs to another model")
 
 
 def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
@@ -326,7 +326,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
     dtype = next(iter(sd.values())).dtype
     hf_cfg = config_to_hf(cfg, arch, dtype)
     tok = convert_tokenizer.tokenizer_from_hf(run_dir) if (run_dir / "tokenizer.json").is_file() else None
-    _check_tokenizer_fits(run_dir, tok, cfg)
+    if tok is not None:
+        check_tokenizer_fits(run_dir, tok.get_vocab_size(with_added_tokens=True), cfg.vocab_size)
     with atomic_dir(out_dir) as tmp:
         if tok is not None:
             hf_cfg.update(convert_tokenizer.write_hf_tokenizer(tok, tmp, cfg.max_seq_len))
