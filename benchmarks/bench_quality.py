@@ -100,14 +100,11 @@ def val_loss(logits_of, shards: str, seq_len: int, batch_size: int, seed: int,
     `logits_of(input_ids (B, T)) -> (B, T, V)`; the windows are the val stream's (shuffle off), so
     the first batches are the ones the Trainer's own eval reads.
     """
-    windows = TokenWindows(shards, "val", seq_len, batch_size, seed, shuffle=False)
-    n_batches = math.ceil(windows.n_windows / batch_size)
-    if max_batches:
-        n_batches = min(n_batches, max_batches)
-    left, loss_sum, n = windows.n_windows, 0.0, 0
-    for _ in range(n_batches):
-        w = next(windows)[:left]  # the last batch would wrap into the next epoch: drop those rows
-        left -= len(w)
+    windows = TokenWindows(shards, "val", seq_len, batch_size, seed, shuffle=False, epochs=1)
+    loss_sum, n = 0.0, 0
+    for i, w in enumerate(windows):  # one pass: the last batch may be short
+        if max_batches and i == max_batches:
+            break
         logits = logits_of(w[:, :-1])
         loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
         n += w[:, 1:].numel()

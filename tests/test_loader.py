@@ -1,5 +1,6 @@
 """TokenWindows cuts exact slices of the shard stream in a seeded order, resumable, disjoint by rank."""
 
+import itertools
 import json
 
 import numpy as np
@@ -130,3 +131,18 @@ def test_errors(shards, tmp_path):
         (root / "meta.json").write_text(bad)
         with pytest.raises(CheckpointError, match="meta.json is corrupt; re-run `lmforge prepare`"):
             TokenWindows(root, "train", 10, 1, seed=0)
+
+
+def test_epochs_ends_the_stream_with_each_window_once(shards):
+    root, stream = shards
+    T = 10  # 100 windows; batches of 7: 14 full, then one of 2
+    w = TokenWindows(root, "train", seq_len=T, batch_size=7, seed=0, shuffle=False, epochs=1)
+    batches = list(itertools.islice(w, 100))  # capped: a stream that never ends fails, not hangs
+    assert [len(b) for b in batches] == [7] * 14 + [2]
+    rows = torch.cat(batches).tolist()
+    assert rows == [stream[k * T: k * T + T + 1].tolist() for k in range(100)]
+    with pytest.raises(StopIteration):
+        next(w)  # stays ended
+    two = TokenWindows(root, "train", seq_len=T, batch_size=7, seed=0, shuffle=False, epochs=2)
+    # the second pass runs on across the batch edge
+    assert torch.cat(list(itertools.islice(two, 100))).tolist() == rows + rows

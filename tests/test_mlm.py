@@ -1,6 +1,8 @@
 """MLM / NSP batches: pinned literal masks, 15% and 80/10/10 statistics, whole words, NSP pairs, resume,
 weighted NSP loss and exact accumulation."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -230,6 +232,26 @@ def test_stream_is_deterministic_and_resumes_exactly(shards, name):
     first = take(obj.stream("train", 4, seed=3), 1)[0]
     other = take(obj.stream("train", 4, seed=4), 1)[0]
     assert not torch.equal(first["labels"], other["labels"])
+
+
+@pytest.mark.parametrize("name", ["mlm", "mlm,nsp"])
+def test_val_stream_is_one_pass(shards, name):
+    """Evaluation reads each val window / document once: the val stream ends instead of wrapping around."""
+    obj = objective(shards, name)
+    batches = list(itertools.islice(obj.stream("val", 4, seed=0), 500))  # capped: fails, not hangs
+    assert len(batches) < 500 and all(len(b["input_ids"]) == 4 for b in batches[:-1])
+    more = list(itertools.islice(obj.stream("val", 4, seed=0), 500))
+    for x, y in zip(batches, more, strict=True):  # the same batches each time
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    if name == "mlm":  # every window of the val split exactly once
+        from lmforge.data.loader import TokenWindows
+
+        n = TokenWindows(shards / "shards", "val", 32 - 3, 1, 0, shuffle=False).n_windows
+        assert sum(len(b["input_ids"]) for b in batches) == n
+    else:  # every pair of one pass over the val documents exactly once
+        stream = obj.stream("val", 4, seed=0)
+        pairs = sum(len(stream._doc_pairs(int(d))) for d in stream._order())
+        assert sum(len(b["input_ids"]) for b in batches) == pairs
 
 
 def test_mlm_windows_are_cls_text_sep(shards):

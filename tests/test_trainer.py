@@ -5,6 +5,7 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -354,3 +355,25 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(shards, tmp_path, 
                         tmp_path / "nope") == 2
     assert "is not a directory" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+def test_eval_reads_a_small_val_split_once(tmp_path):
+    """eval_steps x batch_size = 8 rows but val holds 5 windows: the loss is over those 5, each once."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shards"
+    tokens = {"train": rng.integers(0, 96, 40 * SEQ + 1), "val": rng.integers(0, 96, 5 * SEQ + 1)}
+    meta = {"version": 1, "dtype": "uint16", "vocab_size": 96, "splits": {}}
+    for split, toks in tokens.items():
+        (root / split).mkdir(parents=True)
+        toks.astype("<u2").tofile(root / split / "shard-00000.bin")
+        meta["splits"][split] = {"tokens": len(toks), "documents": 1, "shards": [f"{split}/shard-00000.bin"]}
+    (root / "meta.json").write_text(json.dumps(meta))
+    cfg = tiny_cfg(tmp_path, batch_size=2, eval_steps=4, max_steps=1)  # the final eval only
+    cfg.data.shards = str(root)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, GPT(cfg.model), CausalLM(cfg, None), progress=False)
+    out = trainer.fit()
+    w = torch.from_numpy(tokens["val"].astype(np.int64)).unfold(0, SEQ + 1, SEQ)  # (5, SEQ + 1) windows
+    with torch.no_grad():
+        ref = F.cross_entropy(trainer.model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten())
+    assert out["val_loss"] == pytest.approx(ref.item(), rel=1e-6)

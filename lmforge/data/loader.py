@@ -10,8 +10,9 @@ windows overlap by one token and every token after the first is a target exactly
 Epoch e visits the windows in the order `permutation(n)` drawn from a generator seeded with
 (seed, e) (or 0..n-1 when shuffle=False, e.g. for val). Rank r of w takes every w-th entry
 starting at r: disjoint across ranks, and together all windows. Batches run on across epoch
-ends, so every batch has exactly `batch_size` rows. The position (epoch, windows consumed)
-is the whole state:
+ends, so every batch has exactly `batch_size` rows, unless `epochs` is set: then the stream ends
+after that many passes, its last batch possibly short (evaluation reads each val window once).
+The position (epoch, windows consumed) is the whole state:
 
     >>> w = TokenWindows("shards/", "train", seq_len=256, batch_size=8, seed=0)
     >>> x = next(w)                  # LongTensor (8, 257)
@@ -97,6 +98,7 @@ class TokenWindows:
         rank: int = 0,
         world_size: int = 1,
         shuffle: bool = True,
+        epochs: int | None = None,
     ):
         if seq_len < 1 or batch_size < 1:
             raise ConfigError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1")
@@ -105,6 +107,7 @@ class TokenWindows:
         self.stream = TokenStream(shard_dir, split)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epochs = epochs  # None: run on forever
         self.n_windows = max(0, (len(self.stream) - 1) // seq_len)
         if self.n_windows < world_size:
             raise DataError(
@@ -136,12 +139,16 @@ class TokenWindows:
             if self._order is None:
                 self._order = self.order(self.epoch)
             if self.position >= len(self._order):
+                if self.epochs is not None and self.epoch + 1 >= self.epochs:
+                    break  # the last pass is done: a short batch, then StopIteration
                 self.epoch, self.position, self._order = self.epoch + 1, 0, None
                 continue
             start = int(self._order[self.position])
             rows.append(self.stream[start: start + self.seq_len + 1].astype(np.int64))
             self.position += 1
-        return torch.from_numpy(np.stack(rows))  # (B, T + 1)
+        if not rows:
+            raise StopIteration
+        return torch.from_numpy(np.stack(rows))  # (B, T + 1), B < batch_size only at the end of `epochs`
 
     def setup(self) -> dict:
         """What shapes the order: a position is only meaningful in a stream with the same setup."""

@@ -131,6 +131,7 @@ class CausalLM(Objective):
         windows = TokenWindows(
             self.cfg.data.shards, split, self.seq_len, batch_size, seed,
             rank=rank, world_size=world_size, shuffle=split == "train",
+            epochs=None if split == "train" else 1,  # evaluation reads each val window once
         )
         return WindowStream(windows)
 

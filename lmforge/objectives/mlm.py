@@ -202,7 +202,8 @@ class MaskedLM(Objective):
         if self.seq_len < 4:
             raise ConfigError(f"data.seq_len={self.seq_len} is too short for [CLS] ... [SEP]; use >= 4")
         windows = TokenWindows(self.cfg.data.shards, split, self.seq_len - 3, batch_size, seed,
-                               rank=rank, world_size=world_size, shuffle=split == "train")
+                               rank=rank, world_size=world_size, shuffle=split == "train",
+                               epochs=None if split == "train" else 1)  # val: each window once
         tok = self.tokenizer
         return MLMStream(windows, self.masker(), tok.cls_id, tok.sep_id, seed, rank, split)
 
@@ -240,7 +241,8 @@ class MaskedLMWithNSP(MaskedLM):
         enders = {i for i in (tok.token_to_id(t) for t in SENTENCE_END) if i is not None}
         docs = SplitDocuments(self.cfg.data.shards, split, enders, max_piece=(self.seq_len - 3) // 2)
         return NSPStream(docs, self.masker(), tok, self.seq_len, batch_size, seed, rank, world_size,
-                         shuffle=split == "train", split=split, short_seq_prob=self.cfg.train.short_seq_prob)
+                         shuffle=split == "train", split=split, short_seq_prob=self.cfg.train.short_seq_prob,
+                         epochs=None if split == "train" else 1)
 
     @property
     def nsp_weight(self) -> int:

@@ -169,16 +169,17 @@ class SplitDocuments:
 class NSPStream:
     """Documents -> NSP pairs -> padded, masked batches {input_ids, token_type_ids, attention_mask,
     labels, next_sentence_label}. Position = (epoch, cursor into this rank's documents, pairs of the
-    current document already used, batches), so resume regenerates the current document exactly."""
+    current document already used, batches), so resume regenerates the current document exactly.
+    With `epochs` set the stream ends after that many passes, its last batch possibly short."""
 
     def __init__(self, docs: SplitDocuments, masker: Masker, tokenizer, max_len: int, batch_size: int,
                  seed: int, rank: int, world_size: int, shuffle: bool, split: str,
-                 short_seq_prob: float = 0.0):
+                 short_seq_prob: float = 0.0, epochs: int | None = None):
         if len(docs) < 2:
             raise DataError(f"next-sentence prediction needs >= 2 documents in the {split!r} split, "
                             f"found {len(docs)}; use objective mlm or more documents")
         self.docs, self.masker, self.max_len, self.batch_size = docs, masker, max_len, batch_size
-        self.short_seq_prob = short_seq_prob
+        self.short_seq_prob, self.epochs = short_seq_prob, epochs
         self.cls_id, self.sep_id, self.pad_id = tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
         self.code = _split_code(split)
@@ -207,6 +208,8 @@ class NSPStream:
         while True:
             order = self._order()
             if self.cursor >= len(order):
+                if self.epochs is not None and self.epoch + 1 >= self.epochs:
+                    raise StopIteration
                 self.epoch, self.cursor, self.offset, self._pairs = self.epoch + 1, 0, 0, None
                 continue
             if self._pairs is None:
@@ -225,7 +228,12 @@ class NSPStream:
     def __next__(self) -> dict[str, torch.Tensor]:
         seqs, types, nsp = [], [], []
         for _ in range(self.batch_size):
-            a, b, label = self._next_pair()
+            try:
+                a, b, label = self._next_pair()
+            except StopIteration:
+                if not seqs:
+                    raise
+                break  # the last pass ended mid-batch: a short batch
             ids, tt = encode_pair(a, b, self.cls_id, self.sep_id)
             seqs.append(ids)
             types.append(tt)

@@ -221,7 +221,8 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss, perplexity and objective extras over train.eval_steps val batches (same each time)."""
+        """Mean loss, perplexity and objective extras over the first train.eval_steps val batches (the
+        same each time; a val split smaller than that is read once, not wrapped around)."""
         t, obj = self.t, self.objective
         try:
             stream = obj.stream("val", t.batch_size, t.seed, self.rank, self.world_size)
