@@ -104,7 +104,6 @@ class DataConfig:
     shards: str = ""  # folder with train/ val/ shards and meta.json
     tokenizer: str = ""  # tokenizer.json; default: the one `prepare` recorded in meta.json
     seq_len: int | None = None  # training window length; None = model.max_seq_len
-    num_workers: int = 0
 
 
 @dataclass
