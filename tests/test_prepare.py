@@ -102,6 +102,16 @@ def test_shards_decode_to_the_documents(bpe, corpus, tmp_path):
         assert [tok.decode(ids[a:b - 1].tolist()) for a, b in zip(starts, ends)] == docs
 
 
+def test_blank_documents_are_dropped_as_the_file_readers_drop_them(bpe, corpus, tmp_path):
+    """Whitespace-only documents would otherwise become separator-only 'documents' in the shards."""
+    with_blanks = [corpus[0], "   \n\t ", corpus[1], "", "\n\n"]
+    meta = prepare([], bpe, tmp_path / "a", val_fraction=0, documents=with_blanks, progress=False)
+    prepare([], bpe, tmp_path / "b", val_fraction=0, documents=corpus[:2], progress=False)
+    assert meta["splits"]["train"]["documents"] == 2
+    a, b = (read_split(tmp_path / name, "train")[0].tolist() for name in ("a", "b"))
+    assert a == b
+
+
 def test_rerun_is_byte_identical_across_workers_and_encoders(bpe, corpus, tmp_path):
     docs = corpus * 3
     runs = [("w1", 1, "auto"), ("w2", 2, "auto"), ("slow", 1, "tokenizers")]

@@ -148,11 +148,12 @@ def split_lone_document(docs: Iterable[str], pieces: int = 64, seen: dict | None
 
 
 def batches(docs: Iterable[str], batch_chars: int | None = None) -> Iterator[list[str]]:
-    """Group documents into lists of about `batch_chars` characters (empty documents dropped)."""
+    """Group documents into lists of about `batch_chars` characters (empty or blank documents dropped,
+    as the file readers drop them)."""
     batch_chars = batch_chars or BATCH_CHARS
     batch, size = [], 0
     for d in docs:
-        if not d:
+        if not d or d.isspace():
             continue
         batch.append(d)
         size += len(d)
