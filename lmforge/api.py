@@ -58,6 +58,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     A Hugging Face folder (config.json with model_type) is read in memory through
     `lmforge.models.convert.load_hf(path, device, dtype) -> (model, tokenizer)`; its tokenizer is None
     when the folder has no tokenizer files, which is a CheckpointError with need_tokenizer=True.
+    Either way the eos ids the folder's config.json / generation_config.json name join the
+    tokenizer's `eos_ids`, where generation stops.
     """
     from lmforge.models import convert
 
@@ -67,6 +69,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         if tok is None and need_tokenizer:
             raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, vocab.txt or vocab.json + "
                                   "merges.txt); copy the model's tokenizer files into it")
+        if tok is not None:
+            tok.add_eos_ids(convert.eos_ids(path))
         return _finish(model, dtype, pack), tok
     model = _finish(load_model(path, device=device, dtype=_dtype(dtype)), dtype, pack)
     if not (path / "tokenizer.json").is_file():
@@ -74,6 +78,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
                               "into the run dir")
     tok = Tokenizer.load(path / "tokenizer.json")
     convert.check_tokenizer_fits(path, tok.vocab_size, model.cfg.vocab_size)
+    tok.add_eos_ids(convert.eos_ids(path))  # generation_config.json of an imported checkpoint
     return model, tok
 
 
@@ -100,7 +105,7 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str | list[st
         streams[i].push(t)
 
     generate_ids(
-        model, ids, **opts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
+        model, ids, **opts, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id or 0,
         stop=(lambda _row: streams[current[0]].stopped) if gc.stop else None, on_token=on_token,
     )
     outs = [s.finish() for s in streams]

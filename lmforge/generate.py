@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -116,7 +116,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
-    eos_id: int | None = None,
+    eos_id: int | Iterable[int] | None = None,
     pad_id: int = 0,
     seed: int | None = None,
     stop: Callable[[list[int]], bool] | None = None,
@@ -124,12 +124,14 @@ def generate(
 ) -> list[list[int]]:
     """Continue each prompt; return the new token ids of each row (prompt not included).
 
-    A row ends at eos_id (not included in its output), when stop(row_new_ids) returns True (the
+    A row ends at eos_id, or at any of several (an instruct model's end-of-turn token beside eos; not
+    included in its output), when stop(row_new_ids) returns True (the
     token that triggered it is included), after max_new_tokens, or when the context is full.
     on_token(row, token_id) is called for every token as it is produced (streaming), just before
     stop(row's new ids) is asked about the same row.
     """
     _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    ends = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     ctx = model.cfg.max_seq_len
@@ -175,7 +177,7 @@ def generate(
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
                 continue
-            if t == eos_id:
+            if t in ends:
                 done[i] = True
                 continue
             out[i].append(t)
@@ -316,7 +318,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stream = TextStream(tok, [unescape(s) for s in args.stop], write, prefix_ids=ids)
     generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-             eos_id=tok.eos_id, pad_id=tok.pad_id or 0, seed=args.seed,
+             eos_id=tok.eos_ids, pad_id=tok.pad_id or 0, seed=args.seed,
              stop=lambda _row: stream.stopped, on_token=lambda _i, t: stream.push(t))
     stream.finish()
     write("\n")

@@ -68,6 +68,7 @@ class Tokenizer:
             setattr(self, f"{role}_id", next((vocab[n] for n in names if n in vocab), None))
         self._vocab_size = max(vocab.values()) + 1 if vocab else 0
         self._kind = json.loads(inner.to_str())["model"]["type"].lower()
+        self._extra_eos: list[int] = []
 
     # -- files -----------------------------------------------------------------------------
     @classmethod
@@ -154,6 +155,16 @@ class Tokenizer:
     def kind(self) -> str:
         """'bpe' | 'wordpiece' | 'unigram' | 'wordlevel', from the model section of tokenizer.json."""
         return self._kind
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """The ids that end a generated row: eos, then any a checkpoint names (`add_eos_ids`)."""
+        first = [self.eos_id] if self.eos_id is not None else []
+        return first + [i for i in self._extra_eos if i not in first]
+
+    def add_eos_ids(self, ids: Iterable[int]) -> None:
+        """More ids that end generation, e.g. an HF checkpoint's eos_token_id list (`api.load` adds them)."""
+        self._extra_eos += [int(i) for i in ids if int(i) not in self._extra_eos]
 
     @property
     def separator_id(self) -> int:

@@ -228,6 +228,52 @@ def test_greedy_generation_equals_transformers(case, tmp_path):
     assert got == want.tolist()
 
 
+def _word_tokenizer(folder: Path) -> None:
+    """tokenizer.json of V whole-word tokens t0 .. t95 (ids 0 .. 95): text <-> ids one to one."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    tok = HFTokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_generation_stops_at_every_eos_id_the_checkpoint_lists(tmp_path, capsys):
+    """An instruct checkpoint lists its end-of-turn token in generation_config.json; HF stops there,
+    and so do api.generate and `lmforge generate`, on the HF folder and on its import alike."""
+    from lmforge import api
+
+    make_hf("gpt2", tmp_path / "hf", seed=3, initializer_range=0.3)
+    hf_dir = tmp_path / "hf"
+    _word_tokenizer(hf_dir)
+    prompt = [5, 17, 42, 8]
+    model, _ = convert.load_hf(hf_dir)
+    free = generate(model, [prompt], max_new_tokens=12, temperature=0)[0]
+    k = next(i for i in range(2, 12) if free[i] not in free[:i])  # the first new token after 2
+    gen = json.loads((hf_dir / "generation_config.json").read_text())
+    gen["eos_token_id"] = [V - 1 if free[k] != V - 1 else V - 2, free[k]]  # it is the 2nd of 2
+    (hf_dir / "generation_config.json").write_text(json.dumps(gen))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                           max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 4:].tolist()
+    assert want == free[: k + 1]  # HF stopped at the listed id (and shows it)
+    text = " ".join(f"t{i}" for i in prompt)
+    expect = " " + " ".join(f"t{i}" for i in free[:k])  # ours: stopped there too, eos not shown
+    convert.import_hf(hf_dir, tmp_path / "run")
+    for folder in (hf_dir, tmp_path / "run"):
+        model, tok = api.load(folder)
+        assert tok.eos_ids == gen["eos_token_id"]
+        assert api.generate(model, tok, text, max_new_tokens=12, temperature=0) == expect
+        capsys.readouterr()
+        assert main(["generate", str(folder), text, "--max-new-tokens", "12", "--temperature", "0"]) == 0
+        assert capsys.readouterr().out == expect + "\n"
+    convert.export_hf(tmp_path / "run", tmp_path / "back")  # and the list goes back out
+    assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == \
+        gen["eos_token_id"]
+
+
 def test_pytorch_bin_and_sharded_safetensors_import(tmp_path):
     hf = make_hf("llama-gqa-untied", tmp_path / "hf")
     ids, mask, types = inputs()
@@ -286,6 +332,11 @@ def _edit_config(hf_dir: Path, **kw) -> None:
 def _set(**kw):
     """A breaker: config.json gets these keys."""
     return lambda d: _edit_config(d, **kw)
+
+
+def _generation_config(**kw):
+    """A breaker: generation_config.json holds just these keys."""
+    return lambda d: (d / "generation_config.json").write_text(json.dumps(kw))
 
 
 def _bin_file(data: bytes):
@@ -347,6 +398,9 @@ BAD = {  # name -> (case, how to break the folder, what the one-line error must 
     "n_head-0": ("gpt2", _set(n_head=0), "model.n_head must be >= 1, got 0"),
     "llama-heads-0": ("llama-gqa-tied", _set(num_attention_heads=0), "model.n_head must be >= 1, got 0"),
     "architectures-dict": ("gpt2", _set(architectures={"a": 1}), "must be a list of class names"),
+    "eos-str": ("gpt2", _set(eos_token_id="</s>"), "eos_token_id='</s>' must be a token id or a list"),
+    "generation-eos-float": ("gpt2", _generation_config(eos_token_id=[2, 1.5]),
+                             r"generation_config.json: eos_token_id=\[2, 1.5\] must be a token id"),
     "architectures-str": ("gpt2", _set(architectures="GPT2LMHeadModel"), "must be a list of class names"),
 }
 

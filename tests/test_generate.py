@@ -111,6 +111,8 @@ def test_temperature_sharpens():
 def test_eos_stop_and_streaming():
     m = FixedLogits([0.0, 5.0, 0.0])
     assert generate(m, [[0]], max_new_tokens=5, temperature=0, eos_id=1) == [[]]
+    assert generate(m, [[0]], max_new_tokens=5, temperature=0, eos_id=[7, 1]) == [[]]  # any of several
+    assert generate(m, [[0]], max_new_tokens=2, temperature=0, eos_id=[7, 2]) == [[1, 1]]
     seen, m.calls = [], []
     out = generate(m, [[0], [2, 2]], max_new_tokens=6, temperature=0, stop=lambda ids: len(ids) >= 3,
                    on_token=lambda i, t: seen.append((i, t)))

@@ -40,6 +40,7 @@ from lmforge.models.convert_config import (
     config_from_hf,
     config_to_hf,
     default_arch,
+    eos_ids,
     flavour_of,
     hf_architecture,
     is_hf_dir,
@@ -262,7 +263,8 @@ def _check_out(out_dir: Path, force: bool) -> None:
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> ModelConfig:
-    """HF folder -> our run dir: config.json (our ModelConfig), model.safetensors, tokenizer.json.
+    """HF folder -> our run dir: config.json (our ModelConfig), model.safetensors, tokenizer.json, and
+    generation_config.json with the folder's eos ids when it names any (`eos_ids`).
 
     A folder without a tokenizer still imports (weights only), with a warning on stderr: the run dir
     then has no tokenizer.json until one is copied in."""
@@ -274,6 +276,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> M
     out_dir = Path(out_dir)
     _check_out(out_dir, force)
     cfg, sd, tok, arch = _read_hf(hf_dir)
+    stop = eos_ids(hf_dir)  # e.g. an instruct model's end-of-turn token: generate stops there too
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
@@ -282,6 +285,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> M
             tok.save(str(tmp / "tokenizer.json"))
         atomic_write_json(tmp / "source.json",
                           {"converted_from": str(Path(hf_dir).resolve()), "architecture": arch})
+        if stop:
+            atomic_write_json(tmp / "generation_config.json", {"eos_token_id": stop})
     if tok is None:  # weights-only is legitimate, but generate / fill-mask need a tokenizer.json
         print(f"warning: {hf_dir} has no tokenizer (tokenizer.json, vocab.txt or vocab.json + merges.txt), "
               f"so {out_dir} has no tokenizer.json; copy the model's tokenizer.json into {out_dir} before "
@@ -333,6 +338,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
             hf_cfg.update(convert_tokenizer.write_hf_tokenizer(tok, tmp, cfg.max_seq_len))
         if ARCHITECTURES[arch] != "bert":
             gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}
+            stop = [gen["eos_token_id"]] if gen.get("eos_token_id") is not None else []
+            stop += [i for i in eos_ids(run_dir) if i not in stop]  # an imported model's own list
+            if stop:
+                gen["eos_token_id"] = stop[0] if len(stop) == 1 else stop
             atomic_write_json(tmp / "generation_config.json", gen)
         save_file(hf_sd, tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_cfg)

@@ -69,6 +69,25 @@ def is_hf_dir(path: str | Path) -> bool:
     return hf_keys and "family" not in data
 
 
+def eos_ids(folder: str | Path) -> list[int]:
+    """Every id that ends generation, as the folder's own files name them: `eos_token_id` (an int or a
+    list) of config.json, then of generation_config.json, in that order, without repeats. An
+    instruct checkpoint lists its end-of-turn token there (Llama 3: <|end_of_text|>, <|eom_id|>,
+    <|eot_id|>), which no token name tells apart. A folder that names none gives []."""
+    out: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        value = read_json(path).get("eos_token_id")
+        values = value if isinstance(value, list) else [] if value is None else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+            raise CheckpointError(f"{path}: eos_token_id={value!r} must be a token id or a list of them; "
+                                  "fix the file")
+        out += [v for v in values if v not in out]
+    return out
+
+
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
