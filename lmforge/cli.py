@@ -21,6 +21,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("lmforge.data.prepare", "text -> uint16/uint32 token shards + meta.json"),
     "model": ("lmforge.models.info", "model info CONFIG: parameters, FLOPs per token, memory"),
     "pretrain": ("lmforge.train.pretrain", "pretrain a model (clm | mlm | mlm,nsp) with the one Trainer"),
+    "eval": ("lmforge.train.evaluate", "loss, perplexity and bits per byte of a run dir on token shards"),
     "generate": ("lmforge.generate", "generate text from a run dir"),
     "fill-mask": ("lmforge.inference", "top-k predictions for [MASK] with a BERT run dir"),
     "embed": ("lmforge.inference", "sentence / token embeddings from an encoder run dir"),

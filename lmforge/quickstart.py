@@ -81,6 +81,7 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
 run dir: {run}  (config.json, model.safetensors, tokenizer.json, run.yaml, metrics.jsonl, loss.png, tb/)
 next:
   lmforge generate {run} "ROMEO." --temperature 0.8 --top-k 50
+  lmforge eval {run} --data {shards}        # the whole val split, each window once
   tensorboard --logdir {run}/tb
   lmforge pretrain {preset} --data.shards {shards} --train.out_dir {run} --resume --train.max_steps=2000 \\
     --model.vocab_size={tok.vocab_size}{"".join(" " + shlex.quote(o) for o in overrides or [])}

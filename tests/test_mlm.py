@@ -404,6 +404,33 @@ def test_mlm_objective_rejects_a_gpt():
         MaskedLM(load_config("gpt-tiny", {"train": {"objective": "mlm"}})).build_model()
 
 
+def test_eval_cli_reproduces_the_trainers_mlm_eval(shards, tmp_path, capsys):
+    """`lmforge eval` on a BERT scores MLM with the same masks as the run's own eval, given its seed."""
+    import json
+
+    import yaml
+
+    from lmforge.cli import main
+    from lmforge.tokenizer import Tokenizer
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "bert-tiny", "--objective", "mlm", "--data.shards", str(shards / "shards"),
+                 "--data.tokenizer", str(shards / "tok" / "tokenizer.json"), "--out", str(run),
+                 "--no-progress", "--train.tensorboard=false", "--data.seq_len=32", "--train.max_steps=2",
+                 f"--model.vocab_size={Tokenizer.load(shards / 'tok').vocab_size}"]) == 0
+    last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln][-1]
+    t = yaml.safe_load((run / "run.yaml").read_text())["config"]["train"]
+    capsys.readouterr()
+    args = ["eval", str(run), "--data", str(shards / "shards"), "--seq-len", "32", "--json", "--dtype",
+            t["dtype"], "--batch-size", str(t["batch_size"]), "--max-batches", str(t["eval_steps"])]
+    assert main(args + ["--seed", str(t["seed"])]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    assert main(args + ["--seed", "7"]) == 0  # other masks, another (close) estimate
+    assert json.loads(capsys.readouterr().out)["loss"] != pytest.approx(last["val_loss"], rel=1e-6)
+    assert main(args + ["--objective", "mlm,nsp"]) == 2  # this BERT was built without the NSP head
+    assert "has heads=mlm" in capsys.readouterr().err
+
+
 def test_mlm_only_run_resumes_from_the_cli(shards, tmp_path, capsys):
     """mlm builds a BERT without the NSP head; resume must compare against that model, not the preset."""
     from lmforge.cli import main

@@ -38,6 +38,11 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     argv = [a.replace("--train.max_steps=2000", "--train.max_steps=5") for a in argv] + ["--no-progress"]
     assert main(argv) == 0, capsys.readouterr().err
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
+    # so does the printed eval command
+    evaluate = printed.split("  lmforge eval ", 1)[1].split("#", 1)[0]
+    capsys.readouterr()
+    assert main(["eval", *shlex.split(evaluate), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["targets"] > 0
     # a bad override fails before the old quickstart dir is touched
     with pytest.raises(ConfigError, match="lrr"):
         quickstart(data=str(_corpus(tmp_path)), out=str(out), preset="gpt-tiny", overrides=["--train.lrr=1"])

@@ -377,3 +377,74 @@ def test_eval_reads_a_small_val_split_once(tmp_path):
     with torch.no_grad():
         ref = F.cross_entropy(trainer.model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten())
     assert out["val_loss"] == pytest.approx(ref.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# `lmforge eval`: the Trainer's scoring, standalone
+
+
+def eval_cli(*args, capsys=None):
+    from lmforge.cli import main
+
+    code = main(["eval", *map(str, args)])
+    return code, (capsys.readouterr() if capsys is not None else None)
+
+
+def test_eval_cli_scores_every_val_window_once_like_an_outside_reference(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    capsys.readouterr()
+    code, io = eval_cli(out, "--data", shards, "--dtype", "fp32", "--batch-size", 3, "--json", capsys=capsys)
+    assert code == 0, io.err
+    got = json.loads(io.out)
+    # outside reference: F.cross_entropy over the val stream cut into windows, each once
+    from lmforge.data.loader import TokenStream
+    from lmforge.tokenizer import Tokenizer
+
+    model, tok = load_model(out).eval(), Tokenizer.load(out)
+    T = model.cfg.max_seq_len
+    stream = TokenStream(shards, "val")
+    n_win = (len(stream) - 1) // T
+    w = torch.from_numpy(stream[0: n_win * T + 1].astype(np.int64))
+    x, y = w[:-1].view(n_win, T), w[1:].view(n_win, T)
+    with torch.no_grad():
+        ref = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), reduction="sum").item()
+    n_bytes = len(tok.decode(y.flatten().tolist(), skip_special_tokens=True).encode("utf-8"))
+    assert got["targets"] == n_win * T
+    assert got["loss"] == pytest.approx(ref / (n_win * T), rel=1e-5)
+    assert got["bpb"] == pytest.approx(ref / math.log(2) / n_bytes, rel=1e-5)
+    # the line form, and the Trainer's own last eval reproduced with its batch size / eval_steps / dtype
+    code, io = eval_cli(out, "--data", shards, "--max-batches", "20", capsys=capsys)
+    assert code == 0 and io.out.startswith(f"{out} on {shards} val: loss ") and "bpb" in io.out
+    last = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln][-1]
+    run = yaml.safe_load((out / "run.yaml").read_text())["config"]["train"]
+    code, io = eval_cli(out, "--data", shards, "--batch-size", run["batch_size"], "--max-batches",
+                        run["eval_steps"], "--dtype", run["dtype"], "--json", capsys=capsys)
+    assert json.loads(io.out)["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+
+
+def test_eval_cli_bad_input_is_one_line(shards, tmp_path, capsys):
+    from lmforge import tokenizer as tk
+
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    capsys.readouterr()
+    from lmforge.data.prepare import prepare
+
+    other = tk.train("bpe", ["some other text entirely, with other merges"] * 20, vocab_size=280)
+    other.save(tmp_path / "other" / "tokenizer.json")
+    prepare([], tmp_path / "other" / "tokenizer.json", tmp_path / "foreign2", progress=False,
+            documents=["some other text entirely"] * 50, val_fraction=0.2)
+    cases = [
+        (["--data", tmp_path / "foreign2"], "was prepared with another tokenizer"),
+        (["--data", tmp_path / "nowhere"], "nowhere"),
+        (["--data", shards, "--seq-len", "4096"], "longer than the model's context"),
+        (["--data", shards, "--objective", "mlm"], "use --objective clm"),
+        (["--data", shards, "--split", "test"], "has no split 'test'"),
+        (["--data", shards, "--batch-size", "0"], "--batch-size must be >= 1"),
+    ]
+    for extra, message in cases:
+        code, io = eval_cli(out, *extra, capsys=capsys)
+        err = io.err.strip()
+        assert code == 2 and err.count("\n") == 0 and err.startswith("error:"), (extra, err)
+        assert message in err, (extra, err)

@@ -31,7 +31,8 @@ IGNORE_INDEX = -100  # label value for positions that are not scored (PyTorch's 
 
 @runtime_checkable
 class Stream(Protocol):
-    """An endless iterator of batches with an exact, JSON-able position.
+    """An iterator of batches with an exact, JSON-able position: endless for "train"; other splits
+    end after one pass (evaluation reads each val example once), their last batch possibly short.
 
     Restoring `state_dict()` into a fresh stream built with the same arguments must make it yield
     exactly the batches the original would have yielded next (this is what makes resume exact).

@@ -39,6 +39,7 @@ from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_bytes, atomic_write_text
 from lmforge.objectives.base import Objective, to_device
 from lmforge.train import checkpoint as ckpt_mod
+from lmforge.train.evaluate import evaluate
 from lmforge.train.optim import apply_hparams, build_optimizer, lr_at, set_lr
 
 
@@ -219,34 +220,20 @@ class Trainer:
         return acc, total, len(batches)
 
     # -----------------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss, perplexity and objective extras over the first train.eval_steps val batches (the
-        same each time; a val split smaller than that is read once, not wrapped around)."""
+        same each time; a val split smaller than that is read once, not wrapped around), logged with
+        a val_ prefix. The scoring is `train.evaluate.evaluate`, which `lmforge eval` runs too."""
         t, obj = self.t, self.objective
         try:
             stream = obj.stream("val", t.batch_size, t.seed, self.rank, self.world_size)
         except LmforgeError as e:
             print(f"warning: no evaluation ({e})", file=sys.stderr)
             return {}
-        self.model.eval()
-        batches, loss_sum, n = [], 0.0, 0
-        for _ in range(t.eval_steps):
-            try:
-                batch = to_device(next(stream), self.device)
-            except StopIteration:
-                break
-            with runtime.autocast(self.device, t.dtype):
-                ls, nb = obj.loss(self.forward_model, batch)
-            loss_sum += float(ls)
-            n += int(nb)
-            batches.append(batch)
-        self.model.train()
-        if n == 0:
+        scores = evaluate(self.forward_model, obj, stream, self.device, t.dtype, t.eval_steps)
+        if not scores:
             return {}
-        mean = loss_sum / n
-        out = {"val_loss": mean, "val_ppl": math.exp(min(mean, 80.0))}
-        out.update({f"val_{k}": v for k, v in obj.metrics(batches, loss_sum, n).items()})
+        out = {f"val_{k}": v for k, v in scores.items() if k != "targets"}
         self._log({"step": self.step, **out})
         self.last_eval = {**out, "step": self.step}
         return out

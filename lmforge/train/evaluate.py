@@ -1,0 +1,128 @@
+"""`lmforge eval`: score a run dir (or an HF folder) on a split of token shards: loss, perplexity, bpb.
+
+    lmforge eval runs/quickstart/run --data runs/quickstart/shards      # the whole val split, once
+    lmforge eval runs/hf-gpt2 --data data/gpt2-shards --split train --max-batches 50 --json
+
+The score is the model family's pretraining objective (clm for a gpt, mlm for a bert; --objective
+picks another) computed by `evaluate` below, the same function the Trainer calls every
+`train.eval_every` steps, so a run's logged val_loss and `lmforge eval` agree given the same batches
+(`--batch-size` and `--max-batches` = the run's batch_size and eval_steps, `--dtype` its dtype).
+The shards must have been prepared with the model's own tokenizer; meta.json's hash says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge import runtime
+from lmforge.objectives.base import Objective, to_device
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, objective: Objective, batches: Iterable[dict[str, torch.Tensor]],
+             device: torch.device, dtype: str, max_batches: int | None = None) -> dict[str, float]:
+    """{"loss": mean per target, "ppl", "targets", + objective.metrics extras (clm: "bpb",
+    "bytes_per_token")} over `batches` (at most `max_batches`); {} when they hold no target.
+
+    The model runs in eval mode (dropout off) under `runtime.autocast(device, dtype)` and is put back
+    in the mode it was in. A finite val stream (val splits end after one pass) is read to its end."""
+    was_training = model.training
+    model.eval()
+    seen, loss_sum, n = [], 0.0, 0
+    try:
+        for batch in itertools.islice(batches, max_batches):
+            with runtime.autocast(device, dtype):
+                ls, nb = objective.loss(model, to_device(batch, device))
+            loss_sum += float(ls)
+            n += int(nb)
+            seen.append(batch)  # as read (on the host): metrics look at the labels only
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {}
+    mean = loss_sum / n
+    out = {"loss": mean, "ppl": math.exp(min(mean, 80.0)), "targets": n}
+    out.update(objective.metrics(seen, loss_sum, n))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run dir (config.json, model.safetensors, tokenizer.json) or an "
+                        "HF model folder")
+    parser.add_argument("--data", required=True, metavar="SHARDS",
+                        help="a folder written by `lmforge prepare` with the model's tokenizer")
+    parser.add_argument("--split", default="val", help="which split to score (default val)")
+    parser.add_argument("--objective", default=None,
+                        help="clm | mlm | mlm,nsp (default: clm for a gpt, mlm for a bert)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default 16)")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="window length (default: the model's max_seq_len)")
+    parser.add_argument("--max-batches", type=int, default=None,
+                        help="score only the first N batches (default: the whole split, each window once)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                        help="autocast dtype, as train.dtype (default bf16; fp32 for the exact value)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--seed", type=int, default=0, help="masking seed for mlm objectives (default 0)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from lmforge.api import load
+    from lmforge.config import DataConfig, RunConfig, TrainConfig
+    from lmforge.data.prepare import load_meta
+    from lmforge.errors import ConfigError, DataError
+    from lmforge.objectives import make_objective
+
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
+                        ("--max-batches", args.max_batches)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    meta = load_meta(args.data)  # before the model: a wrong folder costs nothing
+    device = runtime.pick_device(args.device, flag="--device")
+    model, tok = load(args.run_dir, device=device, need_tokenizer=True)
+    if meta.get("tokenizer_hash") and tok.hash != meta["tokenizer_hash"]:
+        raise DataError(f"{args.data} was prepared with another tokenizer than {args.run_dir}'s; re-run "
+                        f"`lmforge prepare` with {Path(args.run_dir) / 'tokenizer.json'}")
+    mcfg = model.cfg
+    if int(meta.get("vocab_size", 0)) > mcfg.vocab_size:
+        raise DataError(f"{args.data} holds ids up to {meta['vocab_size'] - 1} but the model's vocab_size "
+                        f"is {mcfg.vocab_size}; the shards belong to another model")
+    seq_len = args.seq_len or mcfg.max_seq_len
+    if seq_len > mcfg.max_seq_len:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({mcfg.max_seq_len}); "
+                          "lower --seq-len")
+    name = args.objective or {"gpt": "clm", "bert": "mlm"}.get(mcfg.family, "clm")
+    if (name == "clm") != (mcfg.family == "gpt"):
+        fix = "mlm" if name == "clm" else "clm"
+        raise ConfigError(f"objective {name} cannot score {args.run_dir}, a {mcfg.family} model; "
+                          f"use --objective {fix}")
+    if mcfg.family == "bert" and not set(name.split(",")) <= set(mcfg.heads.split(",")):
+        raise ConfigError(f"objective {name} needs the heads {name} but {args.run_dir} has "
+                          f"heads={mcfg.heads or 'none'}; pick another --objective")
+    cfg = RunConfig(model=mcfg, data=DataConfig(shards=str(args.data), seq_len=seq_len),
+                    train=TrainConfig(objective=name, batch_size=args.batch_size, dtype=args.dtype))
+    objective = make_objective(cfg, tok)
+    stream = objective.stream(args.split, args.batch_size, args.seed)
+    out = evaluate(model, objective, stream, device, args.dtype, args.max_batches)
+    if not out:
+        raise DataError(f"the {args.split} split of {args.data} gave no targets to score")
+    if args.json:
+        print(json.dumps({"split": args.split, **out}))
+        return 0
+    extra = f", bpb {out['bpb']:.4f}" if "bpb" in out else ""
+    print(f"{args.run_dir} on {args.data} {args.split}: loss {out['loss']:.4f}, ppl {out['ppl']:.2f}{extra} "
+          f"({out['targets']:,} targets)")
+    return 0
