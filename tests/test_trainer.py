@@ -413,6 +413,17 @@ def test_eval_cli_scores_every_val_window_once_like_an_outside_reference(shards,
     assert got["targets"] == n_win * T
     assert got["loss"] == pytest.approx(ref / (n_win * T), rel=1e-5)
     assert got["bpb"] == pytest.approx(ref / math.log(2) / n_bytes, rel=1e-5)
+    # the endless train stream is read once too (a watchdog turns a hang into a failure)
+    import signal
+
+    before = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("eval --split train did not end"))
+    signal.alarm(60)
+    try:
+        code, io = eval_cli(out, "--data", shards, "--split", "train", "--json", capsys=capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert code == 0 and json.loads(io.out)["targets"] == (len(TokenStream(shards, "train")) - 1) // T * T
     # the line form, and the Trainer's own last eval reproduced with its batch size / eval_steps / dtype
     code, io = eval_cli(out, "--data", shards, "--max-batches", "20", capsys=capsys)
     assert code == 0 and io.out.startswith(f"{out} on {shards} val: loss ") and "bpb" in io.out

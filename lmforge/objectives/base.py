@@ -44,6 +44,11 @@ class Stream(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def ends_after_one_pass(split: str, asked: bool | None) -> bool:
+    """Whether a stream of `split` ends after one pass: `asked`, else every split but "train"."""
+    return split != "train" if asked is None else asked
+
+
 class Objective:
     """Base class. `cfg` is the RunConfig, `tokenizer` an lmforge Tokenizer (may be None in tests)."""
 
@@ -65,7 +70,10 @@ class Objective:
         return self.cfg.data.seq_len or self.cfg.model.max_seq_len
 
     # --- data ----------------------------------------------------------------------------------
-    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> Stream:
+    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+               one_pass: bool | None = None) -> Stream:
+        """Batches of `split`. one_pass: end after one pass over the split (default: every split but
+        "train", which runs on forever); `lmforge eval` asks for one pass of any split."""
         raise NotImplementedError
 
     # --- scoring -------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lmforge import kernels
 from lmforge.errors import ConfigError
-from lmforge.objectives.base import IGNORE_INDEX, Objective
+from lmforge.objectives.base import IGNORE_INDEX, Objective, ends_after_one_pass
 
 
 class WindowStream:
@@ -125,13 +125,14 @@ def lm_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 class CausalLM(Objective):
     name = "clm"
 
-    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+               one_pass: bool | None = None):
         from lmforge.data.loader import TokenWindows
 
         windows = TokenWindows(
             self.cfg.data.shards, split, self.seq_len, batch_size, seed,
             rank=rank, world_size=world_size, shuffle=split == "train",
-            epochs=None if split == "train" else 1,  # evaluation reads each val window once
+            epochs=1 if ends_after_one_pass(split, one_pass) else None,
         )
         return WindowStream(windows)
 

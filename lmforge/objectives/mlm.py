@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmforge.errors import ConfigError, DataError
-from lmforge.objectives.base import IGNORE_INDEX, Objective
+from lmforge.objectives.base import IGNORE_INDEX, Objective, ends_after_one_pass
 from lmforge.objectives.clm import cross_entropy_sum
 
 IGNORE = IGNORE_INDEX
@@ -196,14 +196,15 @@ class MaskedLM(Objective):
     def masker(self) -> Masker:
         return Masker(self.tokenizer, self.cfg.train.mlm_prob, self.cfg.train.whole_word_mask)
 
-    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+               one_pass: bool | None = None):
         from lmforge.data.loader import TokenWindows
 
         if self.seq_len < 4:
             raise ConfigError(f"data.seq_len={self.seq_len} is too short for [CLS] ... [SEP]; use >= 4")
         windows = TokenWindows(self.cfg.data.shards, split, self.seq_len - 3, batch_size, seed,
                                rank=rank, world_size=world_size, shuffle=split == "train",
-                               epochs=None if split == "train" else 1)  # val: each window once
+                               epochs=1 if ends_after_one_pass(split, one_pass) else None)
         tok = self.tokenizer
         return MLMStream(windows, self.masker(), tok.cls_id, tok.sep_id, seed, rank, split)
 
@@ -231,7 +232,8 @@ class MaskedLMWithNSP(MaskedLM):
     name = "mlm,nsp"
     heads = "mlm,nsp"
 
-    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+               one_pass: bool | None = None):
         # imported here, not at the top: nsp.py imports this module's Masker
         from lmforge.objectives.nsp import SENTENCE_END, NSPStream, SplitDocuments
 
@@ -242,7 +244,7 @@ class MaskedLMWithNSP(MaskedLM):
         docs = SplitDocuments(self.cfg.data.shards, split, enders, max_piece=(self.seq_len - 3) // 2)
         return NSPStream(docs, self.masker(), tok, self.seq_len, batch_size, seed, rank, world_size,
                          shuffle=split == "train", split=split, short_seq_prob=self.cfg.train.short_seq_prob,
-                         epochs=None if split == "train" else 1)
+                         epochs=1 if ends_after_one_pass(split, one_pass) else None)
 
     @property
     def nsp_weight(self) -> int:

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = RunConfig(model=mcfg, data=DataConfig(shards=str(args.data), seq_len=seq_len),
                     train=TrainConfig(objective=name, batch_size=args.batch_size, dtype=args.dtype))
     objective = make_objective(cfg, tok)
-    stream = objective.stream(args.split, args.batch_size, args.seed)
+    stream = objective.stream(args.split, args.batch_size, args.seed, one_pass=True)  # train too
     out = evaluate(model, objective, stream, device, args.dtype, args.max_batches)
     if not out:
         raise DataError(f"the {args.split} split of {args.data} gave no targets to score")
