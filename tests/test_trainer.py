@@ -323,7 +323,8 @@ def test_bits_per_byte_counts_characters_cut_between_windows():
     obj = CausalLM(load_config("gpt-tiny"), tok)
     rows = [ids[i:i + 7] for i in range(0, len(ids), 7)]
     rows[-1] += [-100] * (7 - len(rows[-1]))  # unscored padding
-    got = obj.metrics([{"labels": torch.tensor(rows)}], loss_sum=math.log(2) * 100, n_targets=len(ids))
+    stats = obj.eval_stats({"labels": torch.tensor(rows)})
+    got = obj.metrics(stats, loss_sum=math.log(2) * 100, n_targets=len(ids))
     true_bytes = len(text.encode("utf-8"))
     assert got["bpb"] == pytest.approx(100 / true_bytes)
     assert got["bytes_per_token"] == pytest.approx(true_bytes / len(ids))

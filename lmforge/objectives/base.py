@@ -93,8 +93,13 @@ class Objective:
         """Input tokens in the batch (for tokens/s): the size of `input_ids`."""
         return batch["input_ids"].numel()
 
-    def metrics(self, batches: list[dict[str, Tensor]], loss_sum: float, n_targets: int) -> dict[str, float]:
-        """Extra eval numbers computed from the evaluated val batches (e.g. bits per byte). Default none."""
+    def eval_stats(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """Numbers of one evaluated batch that `metrics` needs summed over the eval (clm: the bytes
+        its targets stand for). Sums, not batches, are kept: an eval of a whole split stays small."""
+        return {}
+
+    def metrics(self, stats: dict[str, float], loss_sum: float, n_targets: int) -> dict[str, float]:
+        """Extra eval numbers from the summed `eval_stats` (e.g. bits per byte). Default none."""
         return {}
 
 

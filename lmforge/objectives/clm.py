@@ -147,22 +147,24 @@ class CausalLM(Objective):
         logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))  # (B, T, V)
         return lm_loss(logits, batch["labels"])
 
-    def metrics(self, batches: list[dict[str, Tensor]], loss_sum: float, n_targets: int) -> dict[str, float]:
+    def eval_stats(self, batch: dict[str, Tensor]) -> dict[str, float]:
+        """{"bytes": UTF-8 bytes of the batch's targets} (none without a tokenizer)."""
         if self.tokenizer is None:
             return {}
         if not hasattr(self, "_byte_lengths"):
             table = self.tokenizer.byte_lengths()
             self._byte_lengths = None if table is None else torch.tensor(table)
+        labels = batch["labels"].cpu()
+        if self._byte_lengths is not None:  # exact, even for a character cut between two rows
+            return {"bytes": int(self._byte_lengths[labels[labels != IGNORE_INDEX]].sum())}
         n_bytes = 0
-        for batch in batches:
-            labels = batch["labels"].cpu()
-            if self._byte_lengths is not None:  # exact, even for a character cut between two rows
-                n_bytes += int(self._byte_lengths[labels[labels != IGNORE_INDEX]].sum())
-                continue
-            for row in labels.tolist():
-                ids = [i for i in row if i != IGNORE_INDEX]
-                n_bytes += len(self.tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+        for row in labels.tolist():
+            ids = [i for i in row if i != IGNORE_INDEX]
+            n_bytes += len(self.tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8"))
+        return {"bytes": n_bytes}
+
+    def metrics(self, stats: dict[str, float], loss_sum: float, n_targets: int) -> dict[str, float]:
+        n_bytes = stats.get("bytes", 0)
         if n_bytes == 0:
             return {}
         return {"bpb": loss_sum / math.log(2) / n_bytes, "bytes_per_token": n_bytes / max(1, n_targets)}
-
