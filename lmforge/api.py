@@ -58,8 +58,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     A Hugging Face folder (config.json with model_type) is read in memory through
     `lmforge.models.convert.load_hf(path, device, dtype) -> (model, tokenizer)`; its tokenizer is None
     when the folder has no tokenizer files, which is a CheckpointError with need_tokenizer=True.
-    Either way the eos ids the folder's config.json / generation_config.json name join the
-    tokenizer's `eos_ids`, where generation stops.
+    Either way, for a decoder, the eos ids the folder's config.json / generation_config.json name join
+    the tokenizer's `eos_ids`, where generation stops.
     """
     from lmforge.models import convert
 
@@ -69,7 +69,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         if tok is None and need_tokenizer:
             raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, vocab.txt or vocab.json + "
                                   "merges.txt); copy the model's tokenizer files into it")
-        if tok is not None:
+        if tok is not None and model.cfg.family == "gpt":
             tok.add_eos_ids(convert.eos_ids(path))
         return _finish(model, dtype, pack), tok
     model = _finish(load_model(path, device=device, dtype=_dtype(dtype)), dtype, pack)
@@ -78,7 +78,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
                               "into the run dir")
     tok = Tokenizer.load(path / "tokenizer.json")
     convert.check_tokenizer_fits(path, tok.vocab_size, model.cfg.vocab_size)
-    tok.add_eos_ids(convert.eos_ids(path))  # generation_config.json of an imported checkpoint
+    if model.cfg.family == "gpt":
+        tok.add_eos_ids(convert.eos_ids(path))  # generation_config.json of an imported checkpoint
     return model, tok
 
 

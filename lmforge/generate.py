@@ -131,7 +131,7 @@ def generate(
     stop(row's new ids) is asked about the same row.
     """
     _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-    ends = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
+    ends = set() if eos_id is None else set(torch.as_tensor(eos_id).flatten().tolist())  # int, list, array
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
     ctx = model.cfg.max_seq_len

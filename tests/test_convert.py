@@ -16,6 +16,7 @@ from lmforge.errors import CheckpointError  # noqa: E402
 from lmforge.generate import generate  # noqa: E402
 from lmforge.models import convert  # noqa: E402
 from lmforge.models.store import load_model  # noqa: E402
+from lmforge.train import checkpoint as ck  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
@@ -228,12 +229,14 @@ def test_greedy_generation_equals_transformers(case, tmp_path):
     assert got == want.tolist()
 
 
-def _word_tokenizer(folder: Path) -> None:
-    """tokenizer.json of V whole-word tokens t0 .. t95 (ids 0 .. 95): text <-> ids one to one."""
+def _word_tokenizer(folder: Path, eos: bool = False) -> None:
+    """tokenizer.json of V whole-word tokens t0 .. t95 (ids 0 .. 95): text <-> ids one to one; with
+    `eos`, id 0 is </s> instead of t0."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    tok = HFTokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+    vocab = {("</s>" if eos and i == 0 else f"t{i}"): i for i in range(V)}
+    tok = HFTokenizer(models.WordLevel(vocab, unk_token="t1"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.save(str(folder / "tokenizer.json"))
@@ -635,3 +638,36 @@ def test_an_imported_model_trains_further_with_init_from(tmp_path, capsys):
     assert all(torch.equal(a, b) for a, b in pairs)
     assert main(args + ["--out", str(tmp_path / "trained")]) == 0  # with a learning rate, it moves
     assert not torch.equal(load_model(tmp_path / "trained").tok_emb.weight, before.tok_emb.weight)
+
+
+def test_eos_ids_of_a_checkpoint_survive_init_from_resume_and_export(tmp_path):
+    from lmforge import api
+    from lmforge.data.prepare import prepare
+
+    make_hf("gpt2", tmp_path / "hf")
+    _word_tokenizer(tmp_path / "hf", eos=True)  # eos </s> = 0, which prepare needs as the separator
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [95, 7, -1]}))
+    convert.import_hf(tmp_path / "hf", tmp_path / "imported")
+    docs = [" ".join(f"t{(i * 7 + j) % V}" for j in range(40)) for i in range(30)]
+    prepare([], tmp_path / "imported", tmp_path / "shards", documents=docs, val_fraction=0.2, progress=False)
+    args = ["pretrain", "gpt-tiny", "--init-from", str(tmp_path / "imported"), "--data.shards",
+            str(tmp_path / "shards"), "--out", str(tmp_path / "more"), "--no-progress", "--data.seq_len=8",
+            "--train.tensorboard=false", "--train.save_every=1"]
+    assert main(args + ["--train.max_steps=1"]) == 0
+    assert api.load(tmp_path / "imported")[1].eos_ids == [0, 95, 7]  # -1 means unset, as in transformers
+    (tmp_path / "imported" / "generation_config.json").rename(tmp_path / "gen.json")
+    assert main(args + ["--train.max_steps=2", "--resume"]) == 0  # the ids now come from the checkpoint
+    (tmp_path / "gen.json").rename(tmp_path / "imported" / "generation_config.json")
+    for folder in (tmp_path / "more", *ck.list_checkpoints(tmp_path / "more")):
+        assert api.load(folder)[1].eos_ids == [0, 95, 7], folder
+    for folder, want in ((tmp_path / "imported", [95, 7]), (tmp_path / "more", [0, 95, 7])):
+        convert.export_hf(folder, tmp_path / "back", force=True)
+        assert json.loads((tmp_path / "back" / "generation_config.json").read_text())["eos_token_id"] == want
+
+
+def test_a_generation_field_does_not_block_encoders(tmp_path, capsys):
+    """eos ids matter to generation only: a BERT folder's odd generation_config.json is not read."""
+    make_hf("bert-backbone", tmp_path / "hf")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": "[SEP]"}))
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    assert not (tmp_path / "run" / "generation_config.json").exists()

@@ -1,5 +1,6 @@
 """Generation: sampling vs HF processors + hand examples, cache == recompute, padded == alone, CLI."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,8 @@ def test_eos_stop_and_streaming():
     assert generate(m, [[0]], max_new_tokens=5, temperature=0, eos_id=1) == [[]]
     assert generate(m, [[0]], max_new_tokens=5, temperature=0, eos_id=[7, 1]) == [[]]  # any of several
     assert generate(m, [[0]], max_new_tokens=2, temperature=0, eos_id=[7, 2]) == [[1, 1]]
+    for one in (np.int64(1), torch.tensor(1), torch.tensor([7, 1])):  # ids as numpy / torch give
+        assert generate(m, [[0]], max_new_tokens=5, temperature=0, eos_id=one) == [[]]
     seen, m.calls = [], []
     out = generate(m, [[0], [2, 2]], max_new_tokens=6, temperature=0, stop=lambda ids: len(ids) >= 3,
                    on_token=lambda i, t: seen.append((i, t)))

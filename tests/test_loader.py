@@ -144,5 +144,7 @@ def test_epochs_ends_the_stream_with_each_window_once(shards):
     with pytest.raises(StopIteration):
         next(w)  # stays ended
     two = TokenWindows(root, "train", seq_len=T, batch_size=7, seed=0, shuffle=False, epochs=2)
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        TokenWindows(root, "train", seq_len=T, batch_size=7, seed=0, epochs=0)
     # the second pass runs on across the batch edge
     assert torch.cat(list(itertools.islice(two, 100))).tolist() == rows + rows

@@ -429,6 +429,38 @@ def test_eval_cli_reproduces_the_trainers_mlm_eval(shards, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["loss"] != pytest.approx(last["val_loss"], rel=1e-6)
     assert main(args + ["--objective", "mlm,nsp"]) == 2  # this BERT was built without the NSP head
     assert "has heads=mlm" in capsys.readouterr().err
+    assert main(args + ["--seq-len", "3"]) == 2
+    assert "--seq-len 3 is too short for objective mlm; use >= 4" in capsys.readouterr().err
+
+
+def test_eval_cli_scores_an_mlm_nsp_bert_with_both_heads_by_default(shards, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from lmforge.cli import main
+    from lmforge.tokenizer import Tokenizer
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "bert-tiny", "--data.shards", str(shards / "shards"), "--data.tokenizer",
+                 str(shards / "tok" / "tokenizer.json"), "--out", str(run), "--no-progress",
+                 "--train.tensorboard=false", "--data.seq_len=32", "--train.max_steps=2",
+                 f"--model.vocab_size={Tokenizer.load(shards / 'tok').vocab_size}"]) == 0
+    last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln][-1]
+    t = yaml.safe_load((run / "run.yaml").read_text())["config"]["train"]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(shards / "shards"), "--seq-len", "32", "--json", "--dtype",
+                 t["dtype"], "--batch-size", str(t["batch_size"]), "--max-batches", str(t["eval_steps"]),
+                 "--seed", str(t["seed"])]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    from lmforge.models.store import load_model, save_model
+
+    bare = load_model(run)
+    bare.cfg.heads = "none"  # an encoder without heads has no language-modelling loss
+    save_model(type(bare)(bare.cfg), tmp_path / "bare")
+    Tokenizer.load(run).save(tmp_path / "bare")
+    assert main(["eval", str(tmp_path / "bare"), "--data", str(shards / "shards")]) == 2
+    assert "encoder without an MLM head (heads=none)" in capsys.readouterr().err
 
 
 def test_mlm_only_run_resumes_from_the_cli(shards, tmp_path, capsys):

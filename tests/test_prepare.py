@@ -110,6 +110,10 @@ def test_blank_documents_are_dropped_as_the_file_readers_drop_them(bpe, corpus, 
     assert meta["splits"]["train"]["documents"] == 2
     a, b = (read_split(tmp_path / name, "train")[0].tolist() for name in ("a", "b"))
     assert a == b
+    # one real document among blanks is still cut into pieces for a val split, as when it is alone
+    lone = prepare([], bpe, tmp_path / "c", documents=["  ", " ".join(corpus), "\n"], progress=False)
+    alone = prepare([], bpe, tmp_path / "d", documents=[" ".join(corpus)], progress=False)
+    assert lone["splits"] == alone["splits"] and lone["splits"]["val"]["documents"] > 0
 
 
 def test_rerun_is_byte_identical_across_workers_and_encoders(bpe, corpus, tmp_path):

@@ -454,6 +454,8 @@ def test_eval_cli_bad_input_is_one_line(shards, tmp_path, capsys):
         (["--data", shards, "--objective", "mlm"], "use --objective clm"),
         (["--data", shards, "--split", "test"], "has no split 'test'"),
         (["--data", shards, "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--data", shards, "--seed", "-1"], "--seed must be >= 0"),
+        (["--data", shards, "--objective", "nsp"], "--objective 'nsp' is not one of: clm, mlm, mlm,nsp"),
     ]
     for extra, message in cases:
         code, io = eval_cli(out, *extra, capsys=capsys)

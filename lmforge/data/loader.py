@@ -104,6 +104,8 @@ class TokenWindows:
             raise ConfigError(f"seq_len ({seq_len}) and batch_size ({batch_size}) must be >= 1")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+        if epochs is not None and epochs < 1:
+            raise ConfigError(f"epochs must be >= 1 (or None: endless), got {epochs}")
         self.stream = TokenStream(shard_dir, split)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle

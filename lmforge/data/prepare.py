@@ -148,12 +148,11 @@ def split_lone_document(docs: Iterable[str], pieces: int = 64, seen: dict | None
 
 
 def batches(docs: Iterable[str], batch_chars: int | None = None) -> Iterator[list[str]]:
-    """Group documents into lists of about `batch_chars` characters (empty or blank documents dropped,
-    as the file readers drop them)."""
+    """Group documents into lists of about `batch_chars` characters (empty documents dropped)."""
     batch_chars = batch_chars or BATCH_CHARS
     batch, size = [], 0
     for d in docs:
-        if not d or d.isspace():
+        if not d:
             continue
         batch.append(d)
         size += len(d)
@@ -206,6 +205,8 @@ def prepare(
 
         read_stats = ReadStats()
         documents = (d for s in sources for d in iter_documents(s, text_field=text_field, stats=read_stats))
+    else:  # blank documents are dropped as the file readers drop them, before a lone document is cut
+        documents = (d for d in documents if d and not d.isspace())
     lone: dict = {}
     wants_val = val_fraction > 0 or (val_docs or 0) > 0
     stream = batches(split_lone_document(documents, seen=lone) if wants_val else documents)

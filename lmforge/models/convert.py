@@ -276,7 +276,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> M
     out_dir = Path(out_dir)
     _check_out(out_dir, force)
     cfg, sd, tok, arch = _read_hf(hf_dir)
-    stop = eos_ids(hf_dir)  # e.g. an instruct model's end-of-turn token: generate stops there too
+    # e.g. an instruct model's end-of-turn token: generate stops there too (encoders never generate)
+    stop = eos_ids(hf_dir) if cfg.family == "gpt" else []
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
@@ -338,8 +339,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
             hf_cfg.update(convert_tokenizer.write_hf_tokenizer(tok, tmp, cfg.max_seq_len))
         if ARCHITECTURES[arch] != "bert":
             gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}
-            stop = [gen["eos_token_id"]] if gen.get("eos_token_id") is not None else []
-            stop += [i for i in eos_ids(run_dir) if i not in stop]  # an imported model's own list
+            stop = eos_ids(run_dir)  # an imported model's own list goes back out as it came in
             if stop:
                 gen["eos_token_id"] = stop[0] if len(stop) == 1 else stop
             atomic_write_json(tmp / "generation_config.json", gen)

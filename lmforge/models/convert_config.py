@@ -73,7 +73,8 @@ def eos_ids(folder: str | Path) -> list[int]:
     """Every id that ends generation, as the folder's own files name them: `eos_token_id` (an int or a
     list) of config.json, then of generation_config.json, in that order, without repeats. An
     instruct checkpoint lists its end-of-turn token there (Llama 3: <|end_of_text|>, <|eom_id|>,
-    <|eot_id|>), which no token name tells apart. A folder that names none gives []."""
+    <|eot_id|>), which no token name tells apart. A folder that names none gives []; a negative id
+    means "unset", as in transformers, and is skipped."""
     out: list[int] = []
     for name in ("config.json", "generation_config.json"):
         path = Path(folder) / name
@@ -81,10 +82,10 @@ def eos_ids(folder: str | Path) -> list[int]:
             continue
         value = read_json(path).get("eos_token_id")
         values = value if isinstance(value, list) else [] if value is None else [value]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise CheckpointError(f"{path}: eos_token_id={value!r} must be a token id or a list of them; "
                                   "fix the file")
-        out += [v for v in values if v not in out]
+        out += [v for v in values if v >= 0 and v not in out]
     return out
 
 

@@ -53,6 +53,7 @@ class Objective:
     """Base class. `cfg` is the RunConfig, `tokenizer` an lmforge Tokenizer (may be None in tests)."""
 
     name: str = "base"
+    min_seq_len: int = 1  # the shortest data.seq_len its batches can be built from
 
     def __init__(self, cfg, tokenizer=None):
         self.cfg = cfg

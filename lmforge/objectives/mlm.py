@@ -182,6 +182,7 @@ class MaskedLM(Objective):
     """objective mlm: BERT masking over packed windows; scores the selected tokens only."""
 
     name = "mlm"
+    min_seq_len = 4  # windows of seq_len - 3 (>= 1) tokens, then [CLS] ... [SEP]
     heads = "mlm"
 
     def build_model(self) -> nn.Module:
@@ -200,7 +201,7 @@ class MaskedLM(Objective):
                one_pass: bool | None = None):
         from lmforge.data.loader import TokenWindows
 
-        if self.seq_len < 4:
+        if self.seq_len < self.min_seq_len:
             raise ConfigError(f"data.seq_len={self.seq_len} is too short for [CLS] ... [SEP]; use >= 4")
         windows = TokenWindows(self.cfg.data.shards, split, self.seq_len - 3, batch_size, seed,
                                rank=rank, world_size=world_size, shuffle=split == "train",
@@ -230,6 +231,7 @@ class MaskedLMWithNSP(MaskedLM):
     """objective mlm,nsp: [CLS] A [SEP] B [SEP] pairs from documents; MLM + next-sentence prediction."""
 
     name = "mlm,nsp"
+    min_seq_len = 8  # [CLS] A [SEP] B [SEP] with room for both segments
     heads = "mlm,nsp"
 
     def stream(self, split: str, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -238,7 +240,7 @@ class MaskedLMWithNSP(MaskedLM):
         from lmforge.objectives.nsp import SENTENCE_END, NSPStream, SplitDocuments
 
         tok = self.tokenizer
-        if self.seq_len < 8:
+        if self.seq_len < self.min_seq_len:
             raise ConfigError(f"data.seq_len={self.seq_len} is too short for sentence pairs; use >= 8")
         enders = {i for i in (tok.token_to_id(t) for t in SENTENCE_END) if i is not None}
         docs = SplitDocuments(self.cfg.data.shards, split, enders, max_piece=(self.seq_len - 3) // 2)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.errors import DataError
+from lmforge.errors import ConfigError, DataError
 from lmforge.objectives.mlm import Masker, _seed, _split_code
 
 SENTENCE_END = (".", "!", "?")
@@ -175,6 +175,8 @@ class NSPStream:
     def __init__(self, docs: SplitDocuments, masker: Masker, tokenizer, max_len: int, batch_size: int,
                  seed: int, rank: int, world_size: int, shuffle: bool, split: str,
                  short_seq_prob: float = 0.0, epochs: int | None = None):
+        if epochs is not None and epochs < 1:
+            raise ConfigError(f"epochs must be >= 1 (or None: endless), got {epochs}")
         if len(docs) < 2:
             raise DataError(f"next-sentence prediction needs >= 2 documents in the {split!r} split, "
                             f"found {len(docs)}; use objective mlm or more documents")

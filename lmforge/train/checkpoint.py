@@ -99,12 +99,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_model_files(model: nn.Module, tokenizer, folder: Path) -> None:
-    """config.json + model.safetensors (+ tokenizer.json) into `folder`."""
+    """config.json + model.safetensors (+ tokenizer.json, + generation_config.json when the tokenizer
+    carries eos ids beyond its own eos, e.g. an imported instruct model's end-of-turn id) into `folder`."""
+    from lmforge.io import atomic_write_json
     from lmforge.models.store import save_model
 
     save_model(model, folder)
     if tokenizer is not None:
         tokenizer.save(folder / "tokenizer.json")
+        if tokenizer.eos_ids != ([tokenizer.eos_id] if tokenizer.eos_id is not None else []):
+            atomic_write_json(folder / "generation_config.json", {"eos_token_id": tokenizer.eos_ids})
 
 
 def save_checkpoint(run_dir: str | Path, model: nn.Module, tokenizer, state: dict[str, Any],

@@ -67,7 +67,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="a folder written by `lmforge prepare` with the model's tokenizer")
     parser.add_argument("--split", default="val", help="which split to score (default val)")
     parser.add_argument("--objective", default=None,
-                        help="clm | mlm | mlm,nsp (default: clm for a gpt, mlm for a bert)")
+                        help="clm | mlm | mlm,nsp (default: clm for a gpt, a bert's own heads: mlm[,nsp])")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per batch (default 16)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="window length (default: the model's max_seq_len)")
@@ -76,7 +76,9 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
                         help="autocast dtype, as train.dtype (default bf16; fp32 for the exact value)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--seed", type=int, default=0, help="masking seed for mlm objectives (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="the stream's seed: mlm masks and NSP pairs, and the window order of the train "
+                        "split (default 0; the Trainer's eval uses train.seed)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
     parser.set_defaults(func=run)
 
@@ -86,12 +88,14 @@ def run(args: argparse.Namespace) -> int:
     from lmforge.config import DataConfig, RunConfig, TrainConfig
     from lmforge.data.prepare import load_meta
     from lmforge.errors import ConfigError, DataError
-    from lmforge.objectives import make_objective
+    from lmforge.objectives import OBJECTIVES, make_objective, objective_class
 
-    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len),
-                        ("--max-batches", args.max_batches)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 1),
+                             ("--max-batches", args.max_batches, 1), ("--seed", args.seed, 0)):
+        if value is not None and value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if args.objective is not None and args.objective not in OBJECTIVES:
+        raise ConfigError(f"--objective {args.objective!r} is not one of: {', '.join(OBJECTIVES)}")
     meta = load_meta(args.data)  # before the model: a wrong folder costs nothing
     device = runtime.pick_device(args.device, flag="--device")
     model, tok = load(args.run_dir, device=device, need_tokenizer=True)
@@ -106,14 +110,20 @@ def run(args: argparse.Namespace) -> int:
     if seq_len > mcfg.max_seq_len:
         raise ConfigError(f"--seq-len {seq_len} is longer than the model's context ({mcfg.max_seq_len}); "
                           "lower --seq-len")
-    name = args.objective or {"gpt": "clm", "bert": "mlm"}.get(mcfg.family, "clm")
+    if mcfg.family == "bert" and "mlm" not in mcfg.heads.split(","):
+        raise ConfigError(f"{args.run_dir} is an encoder without an MLM head (heads={mcfg.heads or 'none'}): "
+                          "there is no language-modelling loss to score")
+    name = args.objective or ("clm" if mcfg.family == "gpt" else "mlm,nsp" if "nsp" in mcfg.heads else "mlm")
     if (name == "clm") != (mcfg.family == "gpt"):
         fix = "mlm" if name == "clm" else "clm"
         raise ConfigError(f"objective {name} cannot score {args.run_dir}, a {mcfg.family} model; "
                           f"use --objective {fix}")
     if mcfg.family == "bert" and not set(name.split(",")) <= set(mcfg.heads.split(",")):
         raise ConfigError(f"objective {name} needs the heads {name} but {args.run_dir} has "
-                          f"heads={mcfg.heads or 'none'}; pick another --objective")
+                          f"heads={mcfg.heads}; use --objective mlm")
+    if seq_len < objective_class(name).min_seq_len:
+        raise ConfigError(f"--seq-len {seq_len} is too short for objective {name}; "
+                          f"use >= {objective_class(name).min_seq_len}")
     cfg = RunConfig(model=mcfg, data=DataConfig(shards=str(args.data), seq_len=seq_len),
                     train=TrainConfig(objective=name, batch_size=args.batch_size, dtype=args.dtype))
     objective = make_objective(cfg, tok)

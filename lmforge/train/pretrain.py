@@ -55,6 +55,13 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
                         "drop --data.tokenizer or re-run `lmforge prepare` with it")
     if cfg.train.init_from:
         cfg.model = _init_model_config(Path(cfg.train.init_from), over.get("model", {}), tokenizer)
+    if cfg.model.family == "gpt":  # the eos ids a checkpoint names beyond the tokenizer's stay with it
+        from lmforge.models.convert_config import eos_ids
+        from lmforge.train.checkpoint import list_checkpoints
+
+        resumed = list_checkpoints(cfg.train.out_dir)[-1:] if resume else []
+        for source in [Path(cfg.train.init_from)] * bool(cfg.train.init_from) + resumed:
+            tokenizer.add_eos_ids(eos_ids(source))
     needed = max(tokenizer.vocab_size, int(meta.get("vocab_size", 0)))
     if cfg.model.vocab_size < needed:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {needed} "
