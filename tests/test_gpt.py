@@ -166,10 +166,26 @@ def test_info_gpt2_124m():
     info = model_info(load_config("gpt2-124m"))
     assert info["params"] == 124_439_808  # HF GPT2LMHeadModel unique params (tied head)
     assert info["params_non_embedding"] == 85_056_000
-    n, L, T, d = 85_056_000, 12, 1024, 768
+    n, L, T, d = 85_056_000 + 50_257 * 768, 12, 1024, 768  # + the tied head's matmul (nanoGPT's N)
     assert info["flops_per_token"] == 6 * n + 12 * L * T * d
     assert info["memory"]["fp32"]["weights"] == 124_439_808 * 4
     assert info["memory"]["fp32"]["adamw"] == 2 * 124_439_808 * 4
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-small", "bert-tiny"])
+def test_info_flops_are_the_ones_the_trainer_reports_mfu_with(preset, tmp_path):
+    from lmforge.models.info import model_info
+    from lmforge.objectives import make_objective
+    from lmforge.train.trainer import Trainer
+
+    cfg = load_config(preset, {"train": {"out_dir": str(tmp_path), "device": "cpu"}})
+    obj = make_objective(cfg, None)
+    trainer = Trainer(cfg, obj.build_model(), obj, progress=False)
+    info = model_info(cfg)
+    assert trainer.flops_per_token == info["flops_per_token"]
+    m = cfg.model  # N: an untied head is already among the non-embedding weights, a tied one is added
+    head = m.vocab_size * m.d_model if m.tie_embeddings else 0
+    assert info["params_matmul"] == info["params_non_embedding"] + head
 
 
 def test_info_cli(capsys):

@@ -3,9 +3,11 @@
 Counted from the config alone (the model is built on the `meta` device: no memory, no init time).
 
     FLOPs per token (training, forward + backward) = 6 N + 12 L T d     (Kaplan et al. 2020; PaLM App. B)
-        N = non-embedding parameters, L = n_layer, T = sequence length, d = d_model; the second
-        term is attention's QK^T and AV products. The LM head's matmul is inside 6 N only when it
-        is untied (a tied head shares the embedding, which N excludes) - we follow the formula.
+        N = the parameters that multiply every token: all but the embedding tables, plus the LM
+        head's vocab_size x d_model when it is tied to the token embedding (its matmul is real even
+        though its weights are the table's; nanoGPT counts it the same way). L = n_layer, T =
+        sequence length, d = d_model; the second term is attention's QK^T and AV products. The
+        Trainer's MFU uses this same number (`flops_per_token`).
 
     Training memory = weights + grads + AdamW (exp_avg, exp_avg_sq) + activations
         fp32: 4 + 4 + 8 bytes / param. bf16 autocast keeps fp32 master weights, grads and states,
@@ -22,7 +24,26 @@ import argparse
 
 import torch
 
-from lmforge.config import RunConfig, load_config
+from lmforge.config import ModelConfig, RunConfig, load_config
+
+
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(unique parameters: a tied head counts once, of which in embedding tables)."""
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    emb = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Embedding))
+    return params, emb
+
+
+def matmul_params(cfg: ModelConfig, non_embedding: int) -> int:
+    """N of 6N: the non-embedding parameters, plus a tied LM head's matrix (module docstring)."""
+    has_lm_head = cfg.family == "gpt" or "mlm" in cfg.heads.split(",")
+    return non_embedding + (cfg.vocab_size * cfg.d_model if has_lm_head and cfg.tie_embeddings else 0)
+
+
+def flops_per_token(cfg: ModelConfig, model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token, 6 N + 12 L T d (module docstring); `model` built from `cfg`."""
+    params, emb = param_counts(model)
+    return 6.0 * matmul_params(cfg, params - emb) + 12.0 * cfg.n_layer * seq_len * cfg.d_model
 
 
 def model_info(cfg: RunConfig) -> dict:
@@ -32,17 +53,11 @@ def model_info(cfg: RunConfig) -> dict:
     m = cfg.model
     with torch.device("meta"):
         model = build_model(m)
-    seen, params = set(), 0
-    for p in model.parameters():  # unique parameters: a tied head counts once
-        if id(p) not in seen:
-            seen.add(id(p))
-            params += p.numel()
-    emb = sum(mod.weight.numel() for mod in model.modules()
-              if isinstance(mod, torch.nn.Embedding))
+    params, emb = param_counts(model)
     non_emb = params - emb
     T = cfg.data.seq_len or m.max_seq_len
     B = cfg.train.batch_size
-    flops = 6 * non_emb + 12 * m.n_layer * T * m.d_model
+    flops = flops_per_token(m, model, T)
     act16 = m.n_layer * B * T * (34 * m.d_model + 5 * m.n_head * T)  # bytes in 16-bit
     logits = B * T * m.vocab_size * 4  # fp32 logits for the loss
     memory = {}
@@ -52,6 +67,7 @@ def model_info(cfg: RunConfig) -> dict:
         memory[dtype]["total"] = sum(memory[dtype].values())
     return {
         "params": params, "params_embedding": emb, "params_non_embedding": non_emb,
+        "params_matmul": matmul_params(m, non_emb),
         "seq_len": T, "batch_size": B, "flops_per_token": flops,
         "flops_per_step": flops * B * T * cfg.train.grad_accum, "memory": memory,
     }
@@ -76,7 +92,8 @@ def format_info(cfg: RunConfig, info: dict) -> str:
         f"params     {info['params']:,} total ({_human(info['params'])})",
         f"           {info['params_embedding']:,} embedding, {info['params_non_embedding']:,} non-embedding",
         f"FLOPs      {_human(info['flops_per_token'])} per token (training) = 6N + 12*L*T*d "
-        f"= 6*{info['params_non_embedding']:,} + 12*{m.n_layer}*{info['seq_len']}*{m.d_model}",
+        f"= 6*{info['params_matmul']:,} + 12*{m.n_layer}*{info['seq_len']}*{m.d_model}",
+        "           (N: non-embedding parameters + a tied LM head's matrix; the Trainer's MFU uses this)",
         f"           {_human(info['flops_per_step'])} per optimizer step "
         f"(batch {info['batch_size']} x seq {info['seq_len']} x accum {cfg.train.grad_accum})",
         f"memory     training with AdamW, micro-batch {info['batch_size']} x {info['seq_len']} tokens:",

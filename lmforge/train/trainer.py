@@ -37,6 +37,7 @@ from lmforge import kernels, runtime
 from lmforge.config import RunConfig, save_run_yaml
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_write_bytes, atomic_write_text
+from lmforge.models.info import flops_per_token
 from lmforge.objectives.base import Objective, to_device
 from lmforge.train import checkpoint as ckpt_mod
 from lmforge.train.evaluate import evaluate
@@ -45,15 +46,6 @@ from lmforge.train.optim import apply_hparams, build_optimizer, lr_at, set_lr
 
 class TrainingError(LmforgeError):
     """The run cannot continue (diverged to NaN / inf)."""
-
-
-def flops_per_token(model: nn.Module, n_layer: int, seq_len: int, d_model: int) -> float:
-    """Training FLOPs per token, 6N + 12*L*T*d (PaLM appendix B; N excludes position tables)."""
-    n = sum(p.numel() for p in model.parameters())
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and ("pos" in name or "wpe" in name):
-            n -= module.weight.numel()
-    return 6.0 * n + 12.0 * n_layer * seq_len * d_model
 
 
 class Trainer:
@@ -88,8 +80,7 @@ class Trainer:
             model.gradient_checkpointing = True
         self.optimizer = build_optimizer(self.model, self.t)
         self.forward_model = torch.compile(self.model) if self.t.compile else self.model
-        self.flops_per_token = flops_per_token(
-            self.model, cfg.model.n_layer, objective.seq_len, cfg.model.d_model)
+        self.flops_per_token = flops_per_token(cfg.model, self.model, objective.seq_len)  # as model info
 
     # -----------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, float]:
