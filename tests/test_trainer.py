@@ -133,6 +133,29 @@ def test_fit_writes_run_dir_and_logs(tmp_path):
     assert "seed: " in (run / "run.yaml").read_text()
 
 
+def test_fit_refuses_a_run_dir_with_another_runs_checkpoints(tmp_path):
+    """The Python path keeps the CLI's rule: a new run never lands on top of an old one's checkpoints."""
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+    run = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    with pytest.raises(TrainingError, match="already holds a run's checkpoints; fit\\(resume=True\\)"):
+        make_trainer(cfg).fit()
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
+    make_trainer(tiny_cfg(tmp_path, max_steps=3, save_every=1)).fit(resume=True)  # continuing is fine
+
+
+def test_trainer_refuses_a_tokenizer_larger_than_the_model(tmp_path):
+    from lmforge.errors import ConfigError
+
+    class Tok:
+        vocab_size = 200
+
+    cfg = tiny_cfg(tmp_path)  # vocab_size 96
+    with pytest.raises(ConfigError, match="model.vocab_size=96 is smaller than the tokenizer's 200 tokens"):
+        Trainer(cfg, GPT(cfg.model), Synthetic(cfg), Tok(), progress=False)
+
+
 class NaNAfter(Synthetic):
     """Returns a NaN loss from the `bad_call`-th loss() call on."""
 

@@ -38,7 +38,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     from lmforge.objectives import make_objective
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.checkpoint import apply_weights, load_weights
-    from lmforge.train.trainer import Trainer
+    from lmforge.train.trainer import Trainer, check_vocab
 
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     cli = {"data": {"shards": shards},
@@ -62,10 +62,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
         resumed = list_checkpoints(cfg.train.out_dir)[-1:] if resume else []
         for source in [Path(cfg.train.init_from)] * bool(cfg.train.init_from) + resumed:
             tokenizer.add_eos_ids(eos_ids(source))
-    needed = max(tokenizer.vocab_size, int(meta.get("vocab_size", 0)))
-    if cfg.model.vocab_size < needed:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {needed} "
-                          f"tokens; pass --model.vocab_size={needed}")
+    check_vocab(cfg.model.vocab_size, max(tokenizer.vocab_size, int(meta.get("vocab_size", 0))))
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
     if seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "

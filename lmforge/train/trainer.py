@@ -35,7 +35,7 @@ from torch import nn
 
 from lmforge import kernels, runtime
 from lmforge.config import RunConfig, save_run_yaml
-from lmforge.errors import LmforgeError
+from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import atomic_write_bytes, atomic_write_text
 from lmforge.models.info import flops_per_token
 from lmforge.objectives.base import Objective, to_device
@@ -46,6 +46,13 @@ from lmforge.train.optim import apply_hparams, build_optimizer, lr_at, set_lr
 
 class TrainingError(LmforgeError):
     """The run cannot continue (diverged to NaN / inf)."""
+
+
+def check_vocab(vocab_size: int, needed: int) -> None:
+    """ConfigError unless the model's embedding has a row for every id the tokenizer / shards use."""
+    if vocab_size < needed:
+        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {needed} "
+                          f"tokens; pass --model.vocab_size={needed}")
 
 
 class Trainer:
@@ -67,6 +74,8 @@ class Trainer:
         kernels.set_enabled(self.t.fused_kernels)
         self.objective = objective
         self.tokenizer = tokenizer if tokenizer is not None else getattr(objective, "tokenizer", None)
+        if self.tokenizer is not None:  # before any step: an id past the table is an IndexError mid-run
+            check_vocab(cfg.model.vocab_size, self.tokenizer.vocab_size)
         self.progress = progress
         self.should_stop: Callable[[int, int], bool] | None = None
         self.step = 0
@@ -86,6 +95,9 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict[str, float]:
         """Train to train.max_steps (or until stopped). Returns the last logged metrics."""
         t = self.t
+        if not resume and ckpt_mod.list_checkpoints(self.run_dir):  # never mix two runs' checkpoints
+            raise TrainingError(f"{self.run_dir} already holds a run's checkpoints; fit(resume=True) "
+                                "continues it (--resume), or delete it / choose another train.out_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         runtime.seed_everything(t.seed)
         stream = self.objective.stream("train", t.batch_size, t.seed, self.rank, self.world_size)
