@@ -44,6 +44,12 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     cli = {"data": {"shards": shards},
            "train": {"objective": objective, "out_dir": out, "init_from": init_from}}
     cli = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in cli.items()}
+    for section, kv in cli.items():  # --out X --train.out_dir=Y: say so rather than pick one silently
+        for key, value in kv.items():
+            other = over.get(section, {}).get(key)
+            if other is not None and other != value:
+                raise ConfigError(f"--{section}.{key}={other} disagrees with {value!r} given by its own "
+                                  "flag; give one of them")
     cfg = load_config(config, merge(over, {s: kv for s, kv in cli.items() if kv}))
     if not cfg.data.shards:
         raise ConfigError("no training data: pass --data.shards DIR (a folder written by `lmforge prepare`)")
@@ -68,6 +74,8 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
         raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
                           f"pass --data.seq_len={cfg.model.max_seq_len} or raise model.max_seq_len")
     replace = _check_out_dir(Path(cfg.train.out_dir), resume, overwrite)
+    if resume:
+        _note_changed_settings(cfg, Path(cfg.train.out_dir) / "run.yaml")
 
     runtime.seed_everything(cfg.train.seed)  # model init is part of the run's seed
     obj = make_objective(cfg, tokenizer)
@@ -119,6 +127,21 @@ def _init_model_config(init: Path, model_over: dict, tokenizer) -> ModelConfig:
     return cfg
 
 
+def _note_changed_settings(cfg, run_yaml: Path) -> None:
+    """On --resume, one stderr note naming the train.* settings that differ from the run's run.yaml
+    (e.g. a larger max_steps stretches the LR schedule: legitimate, but not the run as it was)."""
+    import yaml
+
+    try:
+        before = yaml.safe_load(run_yaml.read_text(encoding="utf-8"))["config"]["train"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        return  # no record to compare with: nothing to say
+    now = dataclasses.asdict(cfg.train)
+    changed = [f"train.{k}={now[k]!r} (was {before[k]!r})" for k in now if before.get(k, now[k]) != now[k]]
+    if changed:
+        print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
+
+
 def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """ConfigError unless --out can be used as asked; True when an old run there is to be replaced."""
     if resume:
@@ -147,9 +170,11 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-from", dest="init_from", metavar="DIR", default=None,
                         help="start from the weights of a run dir or imported HF folder (its config.json "
                              "fixes the model)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out exactly from its newest good checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out exactly from its newest good checkpoint (repeat "
+                            "the run's overrides, e.g. --train.max_steps, to continue it unchanged)")
+    again.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     parser.epilog = "Any config field can be overridden: --train.lr=3e-4 --model.n_layer=4"
     parser.set_defaults(func=_cmd, overrides=True)
