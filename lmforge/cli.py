@@ -36,6 +36,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         description="lmforge: from raw text to a working language model and back out.",
         epilog="Run `lmforge VERB --help` for a verb's options.",
     )
+    from lmforge import __version__
+
+    parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_) in VERBS.items():
         p = sub.add_parser(name, help=help_, description=help_)

@@ -33,17 +33,22 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
     from lmforge.config import load_config, merge, parse_overrides
     from lmforge.data.prepare import prepare
     from lmforge.data.readers import ReadStats, iter_documents
+    from lmforge.errors import ConfigError
     from lmforge.train.pretrain import pretrain
 
     t0 = time.time()
-    over = merge({"train": {"max_time": max_time, **({"max_steps": steps} if steps else {})}},
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    over = merge({"train": {"max_time": max_time, **({"max_steps": steps} if steps is not None else {})}},
                  parse_overrides(overrides or []))
-    load_config(preset, over)  # a typo in the preset or an override fails now, before anything is deleted
+    cfg = load_config(preset, over)  # a typo in the preset or an override fails now, before any deletion
+    if cfg.model.family != "gpt" or cfg.train.objective != "clm":
+        raise ConfigError(f"quickstart trains a GPT (objective clm) but {preset} is a {cfg.model.family} "
+                          f"preset for {cfg.train.objective}; use a gpt preset, or run the BERT steps of "
+                          "docs/bert.md")
     root = Path(out)
     if root.exists():  # a quickstart dir is always rebuilt from scratch
         if not (root / "quickstart.txt").exists():
-            from lmforge.errors import ConfigError
-
             raise ConfigError(f"{root} exists and was not written by quickstart; pass another --out")
         shutil.rmtree(root)
     root.mkdir(parents=True)
@@ -71,7 +76,9 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
 
     _step(5, "samples")
     model, tok = api.load(run, pack=True)  # inference only from here: oneDNN-packed weights on a CPU
-    for prompt in prompts or DEFAULT_PROMPTS.get(data, FALLBACK_PROMPTS):
+    prompts = prompts or DEFAULT_PROMPTS.get(data, FALLBACK_PROMPTS)
+    next_prompt = prompts[0].strip() or "The"  # for the one-line command printed at the end
+    for prompt in prompts:
         text = api.generate(model, tok, prompt, max_new_tokens=80, temperature=0.8, top_k=50, seed=0)
         print(f"--- {prompt!r}\n{prompt}{text}\n")
 
@@ -80,7 +87,7 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
     print(f"""
 run dir: {run}  (config.json, model.safetensors, tokenizer.json, run.yaml, metrics.jsonl, loss.png, tb/)
 next:
-  lmforge generate {run} "ROMEO." --temperature 0.8 --top-k 50
+  lmforge generate {run} {shlex.quote(next_prompt)} --temperature 0.8 --top-k 50
   lmforge eval {run} --data {shards}        # the whole val split, each window once
   tensorboard --logdir {run}/tb
   lmforge pretrain {preset} --data.shards {shards} --train.out_dir {run} --resume --train.max_steps=2000 \\

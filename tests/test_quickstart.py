@@ -32,6 +32,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     assert model.cfg.vocab_size == tok.vocab_size
     printed = capsys.readouterr().out
     assert "--- 'CITIZEN'" in printed
+    assert f"lmforge generate {run} CITIZEN --temperature" in printed  # the user's prompt, not ROMEO
     # the printed resume command works as printed (the tokenizer's vocab is not the preset's)
     resume = printed.split("  lmforge pretrain ", 1)[1].split("\n  lmforge quickstart", 1)[0]
     argv = ["pretrain", *shlex.split(resume.replace("\\\n", " "))]
@@ -55,3 +56,21 @@ def test_quickstart_refuses_foreign_out_dir(tmp_path):
     with pytest.raises(ConfigError, match="not written by quickstart"):
         quickstart(data=str(_corpus(tmp_path)), out=str(tmp_path / "mine"), preset="gpt-tiny", steps=1)
     assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(steps=0), "--steps must be >= 1, got 0"),
+    (dict(preset="bert-tiny"), "quickstart trains a GPT (objective clm) but bert-tiny is a bert preset"),
+])
+def test_quickstart_refuses_what_it_cannot_do_before_any_work(kw, message, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        quickstart(data=str(tmp_path / "missing.txt"), out=str(tmp_path / "qs"), **kw)
+    assert not (tmp_path / "qs").exists() and capsys.readouterr().err == ""
+
+
+def test_version(capsys):
+    import lmforge
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"lmforge {lmforge.__version__}\n"

@@ -313,6 +313,15 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(shards, tmp_p
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
+def test_data_unfit_for_the_objective_leaves_no_run_dir(shards, tmp_path, capsys):
+    from lmforge.cli import main
+
+    out = tmp_path / "new"  # BPE shards have no [MASK]: mlm fails when its stream is built
+    assert main(["pretrain", "bert-tiny", "--objective", "mlm", "--data.shards", str(shards), "--out",
+                 str(out), "--model.vocab_size=320", "--no-progress"]) == 2
+    assert "[MASK]" in capsys.readouterr().err and not out.exists()
+
+
 def test_an_out_path_under_a_file_is_one_line(shards, tmp_path, capsys):
     (tmp_path / "afile").write_text("not a folder")
     assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "afile" / "run",

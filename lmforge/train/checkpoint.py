@@ -139,7 +139,7 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
     except Exception as e:  # truncated zip, bad pickle, ... : all mean "corrupt"
-        raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}); delete {ckpt}") from None
+        raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}); {ckpt} cannot be used") from None
 
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -151,7 +151,7 @@ def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
     except Exception as e:
-        raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}); delete {ckpt}") from None
+        raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}); {ckpt} cannot be used") from None
 
 
 def load_model_config(ckpt: Path) -> dict[str, Any]:
@@ -160,9 +160,10 @@ def load_model_config(ckpt: Path) -> dict[str, Any]:
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e.__class__.__name__}); delete {ckpt}") from None
+        why = e.__class__.__name__
+        raise CheckpointError(f"{path} is unreadable ({why}); {ckpt} cannot be used") from None
     if not isinstance(saved, dict):
-        raise CheckpointError(f"{path} is not a model config (a JSON object); delete {ckpt}")
+        raise CheckpointError(f"{path} is not a model config (a JSON object); {ckpt} cannot be used")
     return saved
 
 

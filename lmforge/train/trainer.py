@@ -98,9 +98,10 @@ class Trainer:
         if not resume and ckpt_mod.list_checkpoints(self.run_dir):  # never mix two runs' checkpoints
             raise TrainingError(f"{self.run_dir} already holds a run's checkpoints; fit(resume=True) "
                                 "continues it (--resume), or delete it / choose another train.out_dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         runtime.seed_everything(t.seed)
+        # the stream first: data that does not suit the objective must not leave an empty run dir
         stream = self.objective.stream("train", t.batch_size, t.seed, self.rank, self.world_size)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         micro0, grads0, loss0 = 0, None, 0.0
         if resume:
             micro0, grads0, loss0 = self._restore(stream)
