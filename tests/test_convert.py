@@ -671,3 +671,106 @@ def test_a_generation_field_does_not_block_encoders(tmp_path, capsys):
     (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": "[SEP]"}))
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
     assert not (tmp_path / "run" / "generation_config.json").exists()
+
+
+ROPE = {  # name -> (keys added to a transformers-5 Llama config.json, the scaling transformers applies)
+    "legacy-yarn": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
+    "legacy-type-key": (dict(rope_scaling={"type": "linear", "factor": 2.0}), "linear"),
+    "type-key-in-parameters": (dict(rope_parameters={"type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+                               "linear"),
+    # plain RoPE, but transformers takes rope_scaling over rope_parameters, theta included (10000, not 500)
+    "legacy-default": (dict(rope_scaling={"rope_type": "default"}), "default"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROPE))
+def test_rope_scaling_is_read_from_either_dict_as_transformers_reads_it(name, tmp_path, capsys):
+    keys, kind = ROPE[name]
+    hf_dir = tmp_path / "hf"
+    make_hf("llama-gqa-tied", hf_dir)
+    assert json.loads((hf_dir / "config.json").read_text())["rope_parameters"]["rope_type"] == "default"
+    _edit_config(hf_dir, **keys)
+    auto_cfg = transformers.AutoConfig.from_pretrained(hf_dir)
+    assert auto_cfg.rope_parameters["rope_type"] == kind  # what transformers' model will apply
+    capsys.readouterr()
+    if kind != "default":  # refused, never imported as plain RoPE
+        assert main(["convert", "--from-hf", str(hf_dir), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and f"rope scaling {kind!r}" in err, err
+        assert not (tmp_path / "out").exists()
+        return
+    model, _ = convert.load_hf(hf_dir)
+    assert model.cfg.rope_theta == auto_cfg.rope_parameters["rope_theta"] == 10000.0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids, mask, types = inputs()
+    want = hf_outputs(hf, "llama", ids, mask, types)
+    assert_same(want, our_outputs(model, "llama", ids, mask, types), mask)
+
+
+def test_an_hf_folder_given_where_a_run_dir_belongs_is_named_as_such(tmp_path, capsys):
+    make_hf("gpt2", tmp_path / "hf")
+    hf_dir = tmp_path / "hf"
+    capsys.readouterr()
+    assert main(["convert", "--to-hf", str(hf_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "already a Hugging Face folder" in err and f"--from-hf {hf_dir}" in err, err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match="is a Hugging Face folder") as e:
+        load_model(hf_dir)
+    assert f"lmforge convert --from-hf {hf_dir}" in str(e.value) and "lmforge.load" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_export_without_tokenizer_warns_once_on_stderr(tmp_path, capsys):
+    _run_dir(tmp_path / "run", vocab_size=V)
+    assert main(["convert", "--to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: "), err
+    assert "has no tokenizer.json" in err and "AutoTokenizer" in err and "copy" in err, err
+    try:  # transformers indeed has no vocabulary there: it fails, or encodes to nothing
+        ids = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")("t5 t17")["input_ids"]
+    except (OSError, ValueError):
+        ids = None
+    assert ids != [5, 17]
+    _word_tokenizer(tmp_path / "run")  # with a tokenizer: silent, and AutoTokenizer reads it
+    capsys.readouterr()
+    convert.export_hf(tmp_path / "run", tmp_path / "hf2")
+    assert capsys.readouterr().err == ""
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")("t5 t17")["input_ids"] == [5, 17]
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-tied", "bert-mlm"])
+def test_read_hf_gives_config_state_dict_and_tokenizer_without_writing(case, tmp_path):
+    from lmforge.models.store import build_model, unique_state_dict
+    from lmforge.tokenizer import Tokenizer
+
+    hf = make_hf(case, tmp_path / "hf")
+    _word_tokenizer(tmp_path / "hf")
+    before = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    cfg, sd, tok = convert.read_hf(tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == before
+    model = build_model(cfg).eval()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = set(model.state_dict()) - set(unique_state_dict(model))
+    assert not unexpected and set(missing) == tied, (missing, unexpected, tied)  # GPT: {"head.weight"}
+    ids, mask, types = inputs()
+    assert_same(hf_outputs(hf, case, ids, mask, types), our_outputs(model, case, ids, mask, types), mask)
+    assert isinstance(tok, Tokenizer) and tok.encode("t5 t17") == [5, 17]
+
+
+def test_load_model_takes_the_dtype_names_api_load_takes(tmp_path):
+    from lmforge import api
+    from lmforge.errors import ConfigError
+
+    make_hf("gpt2", tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        ours = load_model(tmp_path / "run", dtype=name).state_dict()
+        want = api.load(tmp_path / "hf", dtype=name)[0].state_dict()  # the same name through api.load
+        assert ours.keys() == want.keys()
+        assert all(v.dtype == dtype and torch.equal(v, want[k]) for k, v in ours.items()), name
+    for bad in ("int8", "float64", 16):
+        with pytest.raises(ConfigError, match=f"dtype {bad!r} is not valid; choose one of: fp32, bf16, fp16"):
+            load_model(tmp_path / "run", dtype=bad)

@@ -18,6 +18,7 @@ convert_tokenizer.py, the parameter-name rules (the only place HF parameter name
 convert_names.py; this file runs those rules over state dicts and reads and writes the folders.
 
     >>> model, tok = load_hf("hf/all-MiniLM-L6-v2")            # in memory, no run dir written
+    >>> cfg, state_dict, tok = read_hf("hf/llama")              # the parts, before any model is built
     >>> import_hf("hf/llama", "runs/llama"); export_hf("runs/llama", "hf/llama-again")
 """
 
@@ -25,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -58,9 +61,12 @@ from lmforge.models.convert_names import (
     _split_sizes,
 )
 
+if TYPE_CHECKING:
+    from lmforge.tokenizer import Tokenizer
+
 __all__ = ["ARCHITECTURES", "DEFAULT_ARCH", "config_from_hf", "config_to_hf", "default_arch", "export_hf",
-           "from_hf_state_dict", "import_hf", "is_hf_dir", "load_hf", "read_hf_config", "read_hf_weights",
-           "supported", "to_hf_state_dict"]
+           "from_hf_state_dict", "import_hf", "is_hf_dir", "load_hf", "read_hf", "read_hf_config",
+           "read_hf_weights", "supported", "to_hf_state_dict"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,13 +220,17 @@ def _our_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
 # folders: import, export, load
 
 
-def _read_hf(hf_dir: str | Path):
-    """HF folder -> (our ModelConfig, our state dict, tokenizers.Tokenizer | None, HF class name)."""
+def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
+    """An HF folder as (our ModelConfig, our state dict, lmforge Tokenizer or None), writing nothing.
+
+    The state dict holds each tied tensor once (as store.unique_state_dict): load it into
+    `store.build_model(cfg)` with strict=False; every other tensor was checked here."""
     from dataclasses import replace
 
+    from lmforge.tokenizer import Tokenizer
+
     hf = read_hf_config(hf_dir)
-    arch = hf_architecture(hf)
-    flavour = ARCHITECTURES[arch]
+    flavour = ARCHITECTURES[hf_architecture(hf)]
     cfg = config_from_hf(hf)
     weights = read_hf_weights(hf_dir)
     if flavour == "bert":
@@ -229,7 +239,7 @@ def _read_hf(hf_dir: str | Path):
     tok = convert_tokenizer.tokenizer_from_hf(hf_dir)
     if tok is not None:
         check_tokenizer_fits(hf_dir, tok.get_vocab_size(with_added_tokens=True), cfg.vocab_size)
-    return cfg, sd, tok, arch
+    return cfg, sd, (Tokenizer(tok) if tok is not None else None)
 
 
 def check_tokenizer_fits(folder: str | Path, n_ids: int, vocab_size: int) -> None:
@@ -242,13 +252,12 @@ def check_tokenizer_fits(folder: str | Path, n_ids: int, vocab_size: int) -> Non
 def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """An HF folder as (our model in eval mode, lmforge Tokenizer or None), without writing anything."""
     from lmforge.models.store import build_model
-    from lmforge.tokenizer import Tokenizer
 
-    cfg, sd, tok, _ = _read_hf(hf_dir)
+    cfg, sd, tok = read_hf(hf_dir)
     model = build_model(cfg)
     model.load_state_dict(sd, strict=False)  # tied copies are absent; from_hf_state_dict checked the rest
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    return model.eval(), (Tokenizer(tok) if tok is not None else None)
+    return model.eval(), tok
 
 
 def _check_out(out_dir: Path, force: bool) -> None:
@@ -268,14 +277,14 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> M
 
     A folder without a tokenizer still imports (weights only), with a warning on stderr: the run dir
     then has no tokenizer.json until one is copied in."""
-    import sys
     from dataclasses import asdict
 
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
     _check_out(out_dir, force)
-    cfg, sd, tok, arch = _read_hf(hf_dir)
+    cfg, sd, tok = read_hf(hf_dir)
+    arch = hf_architecture(read_hf_config(hf_dir))
     # e.g. an instruct model's end-of-turn token: generate stops there too (encoders never generate)
     stop = eos_ids(hf_dir) if cfg.family == "gpt" else []
     with atomic_dir(out_dir) as tmp:
@@ -283,7 +292,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> M
                   metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", asdict(cfg))
         if tok is not None:
-            tok.save(str(tmp / "tokenizer.json"))
+            tok.save(tmp / "tokenizer.json")
         atomic_write_json(tmp / "source.json",
                           {"converted_from": str(Path(hf_dir).resolve()), "architecture": arch})
         if stop:
@@ -299,6 +308,9 @@ def _read_run(run_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """A run dir's config and weights, checked against each other with errors naming our tensor."""
     from lmforge.models.store import WEIGHTS_FILE, load_config_json
 
+    if is_hf_dir(run_dir):
+        raise CheckpointError(f"{run_dir} is already a Hugging Face folder, so there is nothing to export; "
+                              f"to import it into a run dir use `lmforge convert --from-hf {run_dir} OUT`")
     cfg = load_config_json(run_dir)
     if not (run_dir / WEIGHTS_FILE).is_file():
         raise CheckpointError(f"{run_dir / WEIGHTS_FILE} is missing; a run dir needs config.json + weights")
@@ -321,7 +333,8 @@ def _read_run(run_dir: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> str:
     """Our run dir -> a folder `transformers` loads with plain from_pretrained. Returns the HF class:
     GPT2LMHeadModel, LlamaForCausalLM, or for BERT the class matching model.heads (mlm,nsp ->
-    BertForPreTraining, mlm -> BertForMaskedLM, none -> BertModel)."""
+    BertForPreTraining, mlm -> BertForMaskedLM, none -> BertModel). A run dir without tokenizer.json
+    exports the weights alone, with a warning on stderr."""
     from safetensors.torch import save_file
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -345,6 +358,10 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
             atomic_write_json(tmp / "generation_config.json", gen)
         save_file(hf_sd, tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_json(tmp / "config.json", hf_cfg)
+    if tok is None:  # the weights are usable; AutoTokenizer fails (Llama) or has no vocabulary (GPT-2, BERT)
+        print(f"warning: {run_dir} has no tokenizer.json, so {out_dir} has no tokenizer files and "
+              "transformers' AutoTokenizer gets no vocabulary from it; copy the model's tokenizer.json "
+              f"into {run_dir} and export again", file=sys.stderr)
     return arch
 
 

@@ -146,18 +146,22 @@ def _act(hf: dict[str, Any], key: str, table: dict[str, str], default: str) -> s
 
 
 def _rope(hf: dict[str, Any]) -> float:
-    """rope_theta from either layout: transformers 5 `rope_parameters`, 4.x `rope_theta` + `rope_scaling`."""
+    """rope_theta from either layout: transformers 5 `rope_parameters`, 4.x `rope_theta` + `rope_scaling`.
+
+    Any scaling type (`rope_type`, or `type` in older files) in either dict is refused. As in
+    transformers, a non-empty `rope_scaling` replaces `rope_parameters`, theta included."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise CheckpointError("config.json rope_parameters / rope_scaling must be objects; fix config.json")
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
+    kinds = [d.get(k) for d in (scaling, params) for k in ("rope_type", "type")]
+    kind = next((k for k in kinds if k not in (None, "default")), None)
+    if kind is not None:
         raise CheckpointError(
             f"config.json rope scaling {kind!r} is not supported (only plain RoPE); remove rope_scaling "
             "only if the model was trained without it"
         )
-    theta = _get(params, "rope_theta", None, float)
+    theta = _get(scaling or params, "rope_theta", None, float)
     return theta if theta is not None else _get(hf, "rope_theta", 10000.0, float)
 
 

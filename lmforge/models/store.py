@@ -22,6 +22,7 @@ import torch.nn as nn
 from lmforge.config import ModelConfig, from_dict
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write_bytes, atomic_write_json
+from lmforge.models.convert_config import is_hf_dir
 
 FAMILIES: dict[str, str] = {
     "gpt": "lmforge.models.gpt:GPT",
@@ -29,6 +30,7 @@ FAMILIES: dict[str, str] = {
 }
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def model_class(family: str) -> type[nn.Module]:
@@ -77,6 +79,9 @@ def load_config_json(run_dir: str | Path) -> ModelConfig:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; a run dir needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    if is_hf_dir(run_dir):
+        raise CheckpointError(f"{run_dir} is a Hugging Face folder, not an lmforge run dir; import it with "
+                              f"`lmforge convert --from-hf {run_dir} OUT` or load it with lmforge.load")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -90,15 +95,21 @@ def load_config_json(run_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-               ) -> nn.Module:
+def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> nn.Module:
     """Build the model that run_dir/config.json describes and fill it from model.safetensors.
 
     Every tensor must be present with its shape; extra tensors are an error too (named).
+    dtype: None (fp32) | "fp32" | "bf16" | "fp16" | a torch.dtype.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ConfigError(f"dtype {dtype!r} is not valid; choose one of: {', '.join(DTYPES)} "
+                              "or a torch.dtype")
+        dtype = DTYPES[dtype]
     run_dir = Path(run_dir)
     cfg = load_config_json(run_dir)
     wpath = run_dir / WEIGHTS_FILE
