@@ -20,6 +20,7 @@ imported backbone without an MLM head (model.heads=none); fill-mask needs the ML
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import json
 import sys
@@ -123,31 +124,37 @@ def embed(model, tokenizer, texts: list[str], pooling: str = "mean", normalize: 
 
 
 def read_texts(path: str | Path, text_field: str | None = None) -> list[str]:
-    """Lines of a text file (blank lines skipped), or `text_field` of each JSONL record."""
+    """The texts of one file: a .jsonl / .json / .csv / .parquet file (.gz but Parquet) read by
+    lmforge.data.readers, as `--data` is (field `text_field`, default text, or the only text column
+    of a CSV / Parquet); any other file is UTF-8 text (.gz decompressed), one text per line. Empty
+    texts are skipped; text that is not UTF-8 is an error, never U+FFFD embedded."""
+    from lmforge.data.readers import RECORD_EXTS, ReadStats, file_kind, iter_documents
+
     path = Path(path)
+    records = "a .jsonl, .json, .csv or .parquet file"
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise DataError(f"input file {path} {what}; give --input a text or JSONL file")
+        raise DataError(f"input file {path} {what}; give --input a text file (one text per line) "
+                        f"or {records}")
+    if file_kind(path) in RECORD_EXTS:
+        stats = ReadStats()
+        texts = list(iter_documents(path, text_field=text_field or "text", stats=stats))
+        if stats.replaced_bytes:
+            raise DataError(f"{path} is not UTF-8 ({stats.replaced_bytes} bad bytes); convert it, e.g. "
+                            "`iconv -f latin1 -t utf-8`")
+        return texts
+    if text_field is not None:
+        raise ConfigError(f"--text-field is for {records}; {path} is read as text, one text per line")
+    with gzip.open(path) if path.suffix.lower() == ".gz" else open(path, "rb") as f:
+        data = f.read()
     try:
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        lines = data.decode("utf-8").removeprefix("\ufeff").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not UTF-8 text (byte {e.start}); convert it, e.g. "
-                        f"`iconv -f latin1 -t utf-8`") from None
-    if text_field is None and path.suffix != ".jsonl":
-        texts = lines
-    else:
-        field = text_field or "text"
-        texts = []
-        for n, ln in enumerate(lines, 1):
-            try:
-                rec = json.loads(ln)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{n} is not valid JSON; give one JSON object per line") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise DataError(f"{path}:{n} has no string field {field!r}; pick one with --text-field")
-            texts.append(rec[field])
+                        f"`iconv -f latin1 -t utf-8`, or give --input {records}") from None
+    texts = [ln for ln in lines if ln.strip()]
     if not texts:
-        raise DataError(f"{path} holds no text; give one sentence per line")
+        raise DataError(f"{path} holds no text; give one text per line")
     return texts
 
 
@@ -175,8 +182,10 @@ def _cmd_fill_mask(args: argparse.Namespace) -> int:
 
 def register_embed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run dir of a BERT (any heads, e.g. an imported sentence encoder)")
-    parser.add_argument("--input", required=True, help="text file (one text per line) or .jsonl")
-    parser.add_argument("--text-field", default=None, help="JSONL field holding the text (default: text)")
+    parser.add_argument("--input", required=True,
+                        help="text file (one text per line), or .jsonl / .json / .csv / .parquet (.gz too)")
+    parser.add_argument("--text-field", default=None,
+                        help="JSON key / column holding the text (default: text, or the only text column)")
     parser.add_argument("--pooling", default="mean", choices=("mean", "cls"), help="default mean")
     parser.add_argument("--normalize", action="store_true", help="L2-normalise each vector")
     parser.add_argument("--output", default=None,

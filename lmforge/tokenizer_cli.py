@@ -11,6 +11,7 @@ tokens a word (or, for Chinese, a character) costs, how often [UNK] shows up, pe
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 import unicodedata
@@ -144,6 +145,9 @@ def _out_file(out: str, overwrite: bool) -> Path:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     t0 = time.time()
+    if args.min_frequency < 0:
+        raise ConfigError(f"--min-frequency must be >= 0 (the fewest times a merge must occur), "
+                          f"got {args.min_frequency}")
     out = _out_file(args.out, args.overwrite)  # before training: a refusal costs nothing
     tok = train(
         args.type, _documents(args.data, args.text_field), args.vocab_size, lowercase=not args.cased,
@@ -155,7 +159,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    if not 0 < args.sample_mb < float("inf"):  # NaN fails too
+        raise ConfigError(f"--sample-mb must be a positive number of megabytes, got {args.sample_mb}")
     tok = Tokenizer.load(args.tokenizer)
-    table = stats(tok, _documents(args.data, args.text_field), int(args.sample_mb * 1e6))
+    table = stats(tok, _documents(args.data, args.text_field), math.ceil(args.sample_mb * 1e6))
     print(format_stats(tok, table))
     return 0

@@ -1,5 +1,6 @@
 """fill-mask and embed equal Hugging Face (fill-mask pipeline, mean/CLS pooling) and work from the CLI."""
 
+import gzip
 import json
 
 import numpy as np
@@ -168,6 +169,39 @@ def test_embed_input_that_is_not_utf8_or_is_a_folder(runs, tmp_path, capsys):
         assert main(["embed", str(runs / "none"), "--input", str(src)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_embed_input_reads_csv_parquet_json_and_gz_like_data(runs, tmp_path, capsys):
+    """--input takes what --data takes (lmforge.data.readers), one text per record; text stays per line."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    multi = "the cat sat,\non the mat."
+    (tmp_path / "rev.csv").write_text(f'id,review\n1,"{multi}"\n2,a cat and a dog\n')
+    pq.write_table(pa.table({"n": [1, 2], "body": [multi, "a cat and a dog"]}), tmp_path / "p.parquet")
+    (tmp_path / "a.json").write_text(json.dumps([{"text": multi}, {"text": "a cat and a dog"}]))
+    (tmp_path / "l.jsonl.gz").write_bytes(gzip.compress(
+        "".join(json.dumps({"t": t}) + "\n" for t in (multi, "a cat and a dog")).encode()))
+    (tmp_path / "c.txt.gz").write_bytes(gzip.compress(b"the cat sat,\n\non the mat.\n"))
+    for name, extra, want in [("rev.csv", [], [multi, "a cat and a dog"]),
+                              ("p.parquet", [], [multi, "a cat and a dog"]),
+                              ("a.json", [], [multi, "a cat and a dog"]),
+                              ("l.jsonl.gz", ["--text-field", "t"], [multi, "a cat and a dog"]),
+                              ("c.txt.gz", [], ["the cat sat,", "on the mat."])]:
+        out = tmp_path / f"{name}.out.jsonl"
+        assert main(["embed", str(runs / "none"), "--input", str(tmp_path / name), *extra,
+                     "--output", str(out)]) == 0, capsys.readouterr().err
+        assert [json.loads(x)["text"] for x in out.read_text().splitlines()] == want, name
+    # the readers' one-line errors, and --text-field where there are no fields
+    (tmp_path / "two.csv").write_text("title,body\nT,B\n")
+    (tmp_path / "in.txt").write_text("a cat\n")
+    (tmp_path / "latin1.csv").write_bytes("text\ncaf\xe9\n".encode("latin-1"))
+    for name, extra, message in [("two.csv", [], "no field 'text' (fields: title, body); pass --text-field"),
+                                 ("in.txt", ["--text-field", "body"], "--text-field is for a .jsonl, .json"),
+                                 ("latin1.csv", [], "latin1.csv is not UTF-8 (1 bad bytes)")]:
+        capsys.readouterr()
+        assert main(["embed", str(runs / "none"), "--input", str(tmp_path / name), *extra]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_an_hf_folder_without_tokenizer_is_one_line(tok, tmp_path, capsys):

@@ -164,6 +164,30 @@ def test_glob_and_recursive_folder(tmp_path):
     assert read(str(tmp_path / "c/**/*.jsonl"))[0] == ["2"]
 
 
+def test_folder_skips_tokenizer_and_model_folders(tmp_path):
+    """lmforge's own outputs under a data folder are never read as data; the folder itself being one is
+    a one-line error naming what it is."""
+    from lmforge.tokenizer import train
+
+    write(tmp_path / "c/corpus.txt", "mine")
+    train("bpe", ["the cat sat"] * 20, vocab_size=270).save(tmp_path / "c/tok")  # tokenizer train --out
+    for name in ("hf", "hf-no-tokenizer"):  # convert --to-hf: config.json + weights (+ tokenizer.json)
+        write(tmp_path / f"c/{name}/config.json", json.dumps({"model_type": "bert"}, indent=2))
+        write(tmp_path / f"c/{name}/model.safetensors", b"\x00")
+    write(tmp_path / "c/hf/tokenizer.json", (tmp_path / "c/tok/tokenizer.json").read_text())
+    write(tmp_path / "c/hf/generation_config.json", "{\n}\n")
+    write(tmp_path / "c/shards/meta.json", "{}")  # shard folders and run dirs, as before
+    write(tmp_path / "c/shards/tokenizer.json", "{}")
+    write(tmp_path / "c/run/run.yaml", "model: {}\n")
+    write(tmp_path / "c/run/metrics.jsonl", '{"step": 1}\n')
+    docs, stats = read(tmp_path / "c")
+    assert docs == ["mine"] and stats.files == 1
+    for name, what in [("tok", "a tokenizer or shard folder"), ("hf-no-tokenizer", "a model folder"),
+                       ("run", "a run dir")]:
+        with pytest.raises(DataError, match=f"folder .*{name} is {what} .* that lmforge wrote, not data"):
+            read(tmp_path / "c" / name)
+
+
 def test_quoted_glob_expands_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     write(tmp_path / "d/a.txt", "a")
@@ -207,6 +231,9 @@ def test_non_utf8_in_a_big_streamed_file(tmp_path, monkeypatch, name, split):
     (("data.xml", "<a/>"), "data.xml", "unsupported file type '.xml'"),
     (("e/blank.txt", "\n\n"), "e", "no non-empty documents"),
     (("bad.jsonl", '{"text": "ok"}\n{oops\n'), "bad.jsonl", r"bad.jsonl:2: not valid JSON"),
+    (("pretty.json", '{\n  "text": "x"\n}\n'), "pretty.json",
+     r"pretty.json:1: a JSON object that does not end on its line; .* one JSON object per line "
+     r"\(JSON lines\), or \(.json only\) one JSON array"),
     (("f.jsonl", '{"body": "x"}\n'), "f.jsonl", r"f.jsonl:1: no field 'text' \(fields: body\); pass --text-"),
     (("n.jsonl", '{"text": 5}\n'), "n.jsonl", r"n.jsonl:1: field 'text' is int"),
     (("two.csv", "a,b\nx,y\n"), "two.csv", r"no field 'text' \(fields: a, b\); pass --text-field"),

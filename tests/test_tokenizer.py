@@ -200,6 +200,27 @@ def test_negative_extra_ids_is_a_one_line_error(tmp_path, capsys):
     assert not (tmp_path / "tok").exists()
 
 
+def test_bad_min_frequency_and_sample_mb_are_one_line_errors(tmp_path, capsys):
+    data = tmp_path / "docs.txt"
+    data.write_text("the cat sat on the mat\n" * 50)
+    assert main(["tokenizer", "train", "--type", "bpe", "--data", str(data), "--vocab-size", "300",
+                 "--min-frequency", "-3", "--out", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --min-frequency must be >= 0") and "got -3" in err and err.count("\n") == 1
+    assert not (tmp_path / "tok").exists()
+    assert main(["tokenizer", "train", "--type", "bpe", "--data", str(data), "--vocab-size", "300",
+                 "--min-frequency", "0", "--out", str(tmp_path / "tok")]) == 0
+    stats_args = ["tokenizer", "stats", str(tmp_path / "tok"), "--data", str(data), "--sample-mb"]
+    for mb in ("0", "-1", "nan"):
+        capsys.readouterr()
+        assert main([*stats_args, mb]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: --sample-mb must be a positive number"), err
+        assert err.count("\n") == 1, err
+    assert main([*stats_args, "1e-9"]) == 0
+    assert "docs       1" in capsys.readouterr().out  # a tiny sample still measures one document
+
+
 @pytest.mark.parametrize("sequence", [False, True], ids=["template", "sequence"])
 def test_prompts_start_with_bos_where_the_tokenizer_says_so(toks, sequence):
     """Llama-style files put <s> in front of every encoding; a generation prompt must have it too,

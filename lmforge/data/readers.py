@@ -5,9 +5,10 @@
     >>> stats                                                    # counted while reading
     ReadStats(documents=120, bytes=5123456, replaced_bytes=0, files=3)
 
-A spec is, in this order: an existing file or folder (folders are walked recursively, hidden
-files skipped), a glob (`data/**/*.jsonl`), or a named source from `lmforge data list`, which is
-fetched once and read from the cache. Formats by extension (add `.gz` to any but Parquet):
+A spec is, in this order: an existing file or folder (folders are walked recursively, skipping
+hidden entries and lmforge's outputs: run dirs, model, tokenizer and shard folders), a glob
+(`data/**/*.jsonl`), or a named source from `lmforge data list`, which is fetched once and read
+from the cache. Formats by extension (add `.gz` to any but Parquet):
 
 - `.txt`, `.md`: one document per file. Files over 32 MB (of text: a .gz counts decompressed) are
   cut at blank lines into documents of about 1 MB (at a line end if no blank line comes for 8 MB),
@@ -44,6 +45,8 @@ RECORD_EXTS = (".jsonl", ".json", ".csv", ".parquet")
 SPLIT_BYTES = 32 * 2**20  # text files above this are cut into several documents
 CHUNK_BYTES = 2**20  # ... of about this size, at a blank line
 HARD_CHUNK_BYTES = 8 * 2**20  # ... or at a line end, if no blank line comes
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # beside config.json: a model folder, never data
 
 
 @dataclass
@@ -86,7 +89,7 @@ def decode(data: bytes, stats: ReadStats | None = None) -> str:
 # resolving a spec to files
 
 
-def _kind(path: Path) -> str:
+def file_kind(path: Path) -> str:
     """'.txt' for notes.txt, '.jsonl' for x.jsonl.gz, '' when unsupported."""
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
@@ -103,10 +106,13 @@ def resolve(spec: str | Path) -> list[Path]:
     path = Path(spec).expanduser()
     supported = ", ".join(TEXT_EXTS + RECORD_EXTS)
     if path.is_file():
-        if not _kind(path):
+        if not file_kind(path):
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {supported} (or .gz)")
         return [path]
     if path.is_dir():
+        if what := _output(path):
+            raise DataError(f"folder {path} is {what} that lmforge wrote, not data; "
+                            "give the folder of your documents (keep lmforge's outputs out of it)")
         files = sorted(_folder_files(path))
         if not files:
             raise DataError(f"folder {path} holds no {supported} files")
@@ -116,7 +122,7 @@ def resolve(spec: str | Path) -> list[Path]:
         files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
         if not files:
             raise DataError(f"glob {spec!r} matches no files; check the pattern (quote it in the shell)")
-        bad = [p for p in files if not _kind(p)]
+        bad = [p for p in files if not file_kind(p)]
         if bad:
             raise DataError(f"{bad[0]}: unsupported file type; narrow the glob to {supported} files")
         return files
@@ -130,18 +136,23 @@ def resolve(spec: str | Path) -> list[Path]:
 
 def _folder_files(root: Path) -> Iterator[Path]:
     """Supported files under `root`, leaving out hidden entries and lmforge's own outputs kept there
-    (a shard folder: meta.json + tokenizer.json; a run dir: run.yaml), so `--data data/` still reads
-    only the data after `prepare --out data/shards`."""
+    (see _output), so `--data data/` still reads only the data after `prepare --out data/shards`."""
     for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _is_output(Path(folder, d))]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _output(Path(folder, d))]
         for name in names:
-            if not name.startswith(".") and _kind(Path(folder, name)):
+            if not name.startswith(".") and file_kind(Path(folder, name)):
                 yield Path(folder, name)
 
 
-def _is_output(folder: Path) -> bool:
-    return (folder / "run.yaml").is_file() or ((folder / "meta.json").is_file()
-                                               and (folder / "tokenizer.json").is_file())
+def _output(folder: Path) -> str:
+    """What lmforge wrote `folder` as ('a run dir (run.yaml)', ...), or '' for a folder of data."""
+    if (folder / "run.yaml").is_file():
+        return "a run dir (run.yaml)"
+    if (folder / "config.json").is_file() and any((folder / w).is_file() for w in WEIGHT_FILES):
+        return "a model folder (config.json + weights)"
+    if (folder / "tokenizer.json").is_file():  # `tokenizer train --out`, and every shard folder
+        return "a tokenizer or shard folder (tokenizer.json)"
+    return ""
 
 
 def _open(path: Path) -> IO[bytes]:
@@ -209,7 +220,7 @@ def _field_error(where: str, field: str, keys: list[str], how: str) -> DataError
 def _read_jsonl(path: Path, text_field: str, label_field: str | None, stats: ReadStats) -> Iterator[tuple]:
     with _open(path) as f:
         head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if _kind(path) == ".json" and head.startswith(b"["):
+    if file_kind(path) == ".json" and head.startswith(b"["):
         with _open(path) as f:
             try:
                 rows = json.loads(decode(f.read(), stats).removeprefix("\ufeff"))
@@ -226,6 +237,10 @@ def _read_jsonl(path: Path, text_field: str, label_field: str | None, stats: Rea
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
+                if line.startswith("{") and e.pos == len(line):  # pretty-printed: the object goes on
+                    raise DataError(f"{path}:{lineno}: a JSON object that does not end on its line; a "
+                                    ".jsonl / .json data file holds one JSON object per line (JSON lines), "
+                                    "or (.json only) one JSON array of them") from None
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); "
                                 "each line must be one JSON object") from None
             yield _pick(obj, text_field, label_field, f"{path}:{lineno}")
@@ -352,7 +367,7 @@ def _read_parquet(path: Path, text_field: str, label_field: str | None, stats: R
 def _records(spec, text_field: str, label_field: str | None, stats: ReadStats) -> Iterator[tuple]:
     for path in resolve(spec):
         stats.files += 1
-        kind = _kind(path)
+        kind = file_kind(path)
         if kind in TEXT_EXTS:
             if label_field is not None:
                 raise DataError(f"{path}: labeled data must be .jsonl, .csv or .parquet (text + label)")
