@@ -640,6 +640,27 @@ def test_an_imported_model_trains_further_with_init_from(tmp_path, capsys):
     assert not torch.equal(load_model(tmp_path / "trained").tok_emb.weight, before.tok_emb.weight)
 
 
+def test_init_from_takes_an_hf_folder_directly(tmp_path, capsys):
+    """`pretrain --init-from HF_DIR` converts in memory, as lmforge.load does: with lr 0 the run's
+    weights are the HF model's, which then scores like transformers."""
+    from lmforge.data.prepare import prepare
+
+    hf = make_hf("gpt2", tmp_path / "hf")
+    _word_tokenizer(tmp_path / "hf", eos=True)
+    docs = [" ".join(f"t{(i * 7 + j) % V}" for j in range(40)) for i in range(30)]
+    prepare([], tmp_path / "hf" / "tokenizer.json", tmp_path / "shards", documents=docs, val_fraction=0.2,
+            progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "hf").iterdir()}
+    assert main(["pretrain", "gpt-tiny", "--init-from", str(tmp_path / "hf"), "--data.shards",
+                 str(tmp_path / "shards"), "--out", str(tmp_path / "run"), "--no-progress",
+                 "--data.seq_len=8", "--train.tensorboard=false", "--train.max_steps=1", "--train.lr=0",
+                 "--train.min_lr=0"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "hf").iterdir()} == before  # untouched
+    ids, mask, types = inputs()
+    want = hf_outputs(hf, "gpt2", ids, mask, types)
+    assert_same(want, our_outputs(load_model(tmp_path / "run"), "gpt2", ids, mask, types), mask)
+
+
 def test_eos_ids_of_a_checkpoint_survive_init_from_resume_and_export(tmp_path):
     from lmforge import api
     from lmforge.data.prepare import prepare

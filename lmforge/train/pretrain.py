@@ -8,10 +8,10 @@
 CONFIG is a preset name (configs/*.yaml) or a YAML path; any `--section.key=value` overrides it.
 The tokenizer is the one `lmforge prepare` copied next to the shards (shards/tokenizer.json), unless
 --data.tokenizer names another with the same hash. The model's vocab_size must cover the tokenizer.
---init-from DIR (train.init_from) starts a new run from the weights of a run dir or an imported HF
-folder: DIR's config.json fixes the model (only model.dropout / attn_impl may be overridden), CONFIG
-gives the rest, and the shards must use DIR's tokenizer. On --resume the weights come from the run's
-own checkpoint, as always.
+--init-from DIR (train.init_from) starts a new run from the weights of a run dir, a checkpoint or an
+HF folder (converted in memory): DIR's config fixes the model (only model.dropout / attn_impl may be
+overridden), CONFIG gives the rest, and the shards must use DIR's tokenizer. On --resume the weights
+come from the run's own checkpoint, as always.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     from lmforge.data.prepare import load_meta
     from lmforge.objectives import make_objective
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import apply_weights, load_weights
+    from lmforge.train.checkpoint import apply_weights
     from lmforge.train.trainer import Trainer, check_vocab
 
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
@@ -59,8 +59,11 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     if meta.get("tokenizer_hash") and tokenizer.hash != meta["tokenizer_hash"]:
         raise DataError(f"{tok_path} is not the tokenizer {cfg.data.shards} was prepared with; "
                         "drop --data.tokenizer or re-run `lmforge prepare` with it")
+    init_weights = None
     if cfg.train.init_from:
-        cfg.model = _init_model_config(Path(cfg.train.init_from), over.get("model", {}), tokenizer)
+        init_cfg, init_weights, init_tok = _read_init(Path(cfg.train.init_from))
+        cfg.model = _init_model_config(Path(cfg.train.init_from), init_cfg, init_tok, over.get("model", {}),
+                                       tokenizer)
     if cfg.model.family == "gpt":  # the eos ids a checkpoint names beyond the tokenizer's stay with it
         from lmforge.models.convert_config import eos_ids
         from lmforge.train.checkpoint import list_checkpoints
@@ -81,8 +84,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     obj = make_objective(cfg, tokenizer)
     model = obj.build_model()
     if cfg.train.init_from and not resume:
-        init, own = Path(cfg.train.init_from), model.state_dict()
-        weights = load_weights(init)
+        init, own, weights = Path(cfg.train.init_from), model.state_dict(), init_weights
         # heads differ between objectives; as transformers does (BertForMaskedLM from a BertForPreTraining
         # checkpoint, BertForPreTraining from a bare BertModel), extra heads are dropped, missing ones
         # start from their fresh initialisation
@@ -108,22 +110,34 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     return result
 
 
-def _init_model_config(init: Path, model_over: dict, tokenizer) -> ModelConfig:
-    """DIR's model config, with only runtime keys overridable; DataError when DIR's tokenizer differs."""
+def _read_init(init: Path):
+    """--init-from DIR -> (model config, weights, tokenizer or None) of a run dir, a checkpoint folder or
+    a Hugging Face folder (converted in memory, as `lmforge.load` does; nothing is written)."""
+    from lmforge.models import convert
     from lmforge.models.store import load_config_json
     from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import load_weights
+
+    if convert.is_hf_dir(init):
+        return convert.read_hf(init)
+    cfg = load_config_json(init)
+    tok = Tokenizer.load(init) if (init / "tokenizer.json").is_file() else None
+    return cfg, load_weights(init), tok
+
+
+def _init_model_config(init: Path, cfg: ModelConfig, init_tok, model_over: dict, tokenizer) -> ModelConfig:
+    """DIR's model config, with only runtime keys overridable; DataError when DIR's tokenizer differs."""
     from lmforge.train.checkpoint import RUNTIME_KEYS
 
-    cfg = load_config_json(init)
     for key, value in model_over.items():
         if key not in RUNTIME_KEYS and getattr(cfg, key, value) != value:
             raise ConfigError(f"--init-from {init} fixes model.{key}={getattr(cfg, key)!r}; drop "
                               f"--model.{key}={value} (only {', '.join(sorted(RUNTIME_KEYS))} can change)")
     cfg = dataclasses.replace(cfg, **{k: v for k, v in model_over.items() if k in RUNTIME_KEYS})
-    tok_path = init / "tokenizer.json"
-    if tok_path.is_file() and Tokenizer.load(tok_path).hash != tokenizer.hash:
-        raise DataError(f"the shards were prepared with another tokenizer than {tok_path}; re-run "
-                        f"`lmforge prepare --tokenizer {tok_path}` so the ids mean what the model learned")
+    if init_tok is not None and init_tok.hash != tokenizer.hash:
+        raise DataError(f"the shards were prepared with another tokenizer than {init}'s; re-run "
+                        f"`lmforge prepare --tokenizer {init / 'tokenizer.json'}` so the ids mean what the "
+                        "model learned")
     return cfg
 
 
@@ -168,7 +182,7 @@ def register(parser: argparse.ArgumentParser) -> None:
                         help="what to optimize (default: the config's train.objective)")
     parser.add_argument("--out", default=None, help="run dir (default: the config's train.out_dir)")
     parser.add_argument("--init-from", dest="init_from", metavar="DIR", default=None,
-                        help="start from the weights of a run dir or imported HF folder (its config.json "
+                        help="start from the weights of a run dir, checkpoint or HF folder (its config "
                              "fixes the model)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
