@@ -340,21 +340,13 @@ def test_clm_with_an_encoder_config_is_one_line(shards, tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_resume_survives_a_torn_metrics_line(shards, tmp_path, capsys):
+def test_resume_survives_a_torn_metrics_line(shards, tmp_path):
     out = tmp_path / "run"
     assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 5, "loss": 8.1, "lr')  # killed mid-write
     assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--resume",
                         "--train.max_steps=6") == 0
-    assert "note: resuming with changed settings: train.max_steps=6 (was 4)" in capsys.readouterr().err
-    # flags that contradict each other are refused, not resolved silently
-    assert pretrain_cli("--data.shards", shards, "--out", out, "--train.out_dir", tmp_path / "other",
-                        "--resume") == 2
-    assert "disagrees with" in capsys.readouterr().err
-    with pytest.raises(SystemExit):  # argparse: not allowed with
-        pretrain_cli("--data.shards", shards, "--out", out, "--resume", "--overwrite")
-    assert "not allowed with argument" in capsys.readouterr().err
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 6
 
