@@ -69,17 +69,16 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         if tok is None and need_tokenizer:
             raise CheckpointError(f"{path} has no tokenizer (tokenizer.json, vocab.txt or vocab.json + "
                                   "merges.txt); copy the model's tokenizer files into it")
-        if tok is not None and model.cfg.family == "gpt":
-            tok.add_eos_ids(convert.eos_ids(path))
-        return _finish(model, dtype, pack), tok
-    model = _finish(load_model(path, device=device, dtype=_dtype(dtype)), dtype, pack)
-    if not (path / "tokenizer.json").is_file():
-        raise CheckpointError(f"{path / 'tokenizer.json'} is missing; copy the tokenizer used for training "
-                              "into the run dir")
-    tok = Tokenizer.load(path / "tokenizer.json")
-    convert.check_tokenizer_fits(path, tok.vocab_size, model.cfg.vocab_size)
-    if model.cfg.family == "gpt":
-        tok.add_eos_ids(convert.eos_ids(path))  # generation_config.json of an imported checkpoint
+        model = _finish(model, dtype, pack)
+    else:
+        model = _finish(load_model(path, device=device, dtype=_dtype(dtype)), dtype, pack)
+        if not (path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{path / 'tokenizer.json'} is missing; copy the tokenizer used for "
+                                  "training into the run dir")
+        tok = Tokenizer.load(path / "tokenizer.json")
+        convert.check_tokenizer_fits(path, tok.vocab_size, model.cfg.vocab_size)
+    if tok is not None and model.cfg.family == "gpt":  # e.g. an instruct model's end-of-turn id
+        tok.add_eos_ids(convert.eos_ids(path))
     return model, tok
 
 

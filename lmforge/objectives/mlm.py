@@ -202,7 +202,8 @@ class MaskedLM(Objective):
         from lmforge.data.loader import TokenWindows
 
         if self.seq_len < self.min_seq_len:
-            raise ConfigError(f"data.seq_len={self.seq_len} is too short for [CLS] ... [SEP]; use >= 4")
+            raise ConfigError(f"data.seq_len={self.seq_len} is too short for [CLS] ... [SEP]; "
+                              f"use >= {self.min_seq_len}")
         windows = TokenWindows(self.cfg.data.shards, split, self.seq_len - 3, batch_size, seed,
                                rank=rank, world_size=world_size, shuffle=split == "train",
                                epochs=1 if ends_after_one_pass(split, one_pass) else None)
@@ -241,7 +242,8 @@ class MaskedLMWithNSP(MaskedLM):
 
         tok = self.tokenizer
         if self.seq_len < self.min_seq_len:
-            raise ConfigError(f"data.seq_len={self.seq_len} is too short for sentence pairs; use >= 8")
+            raise ConfigError(f"data.seq_len={self.seq_len} is too short for sentence pairs; "
+                              f"use >= {self.min_seq_len}")
         enders = {i for i in (tok.token_to_id(t) for t in SENTENCE_END) if i is not None}
         docs = SplitDocuments(self.cfg.data.shards, split, enders, max_piece=(self.seq_len - 3) // 2)
         return NSPStream(docs, self.masker(), tok, self.seq_len, batch_size, seed, rank, world_size,
