@@ -21,10 +21,10 @@ from lmforge.config import GenerateConfig, from_dict
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.generate import TextStream
 from lmforge.generate import generate as generate_ids
-from lmforge.models.store import load_model
+from lmforge.models.store import DTYPES, load_model
 from lmforge.tokenizer import Tokenizer
 
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "int8": None}
+_DTYPES = {**DTYPES, "int8": None}  # int8: weight-only quantized Linears (inference), fp32 loaded first
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
