@@ -106,6 +106,7 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str | list[st
 
     generate_ids(
         model, ids, **opts, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id or 0,
+        vocab_size=tokenizer.vocab_size,  # a padded embedding table's extra rows are never sampled
         stop=(lambda _row: streams[current[0]].stopped) if gc.stop else None, on_token=on_token,
     )
     outs = [s.finish() for s in streams]

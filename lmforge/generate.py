@@ -121,6 +121,7 @@ def generate(
     seed: int | None = None,
     stop: Callable[[list[int]], bool] | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """Continue each prompt; return the new token ids of each row (prompt not included).
 
@@ -129,8 +130,12 @@ def generate(
     token that triggered it is included), after max_new_tokens, or when the context is full.
     on_token(row, token_id) is called for every token as it is produced (streaming), just before
     stop(row's new ids) is asked about the same row.
+    vocab_size: only ids below it are produced (pass the tokenizer's size when the model's embedding
+    table is larger, e.g. padded to a multiple of 64: the extra rows decode to nothing).
     """
     _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if vocab_size is not None and vocab_size < 1:
+        raise ConfigError(f"vocab_size must be >= 1, got {vocab_size}")
     ends = set() if eos_id is None else set(torch.as_tensor(eos_id).flatten().tolist())  # int, list, array
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ConfigError("every prompt needs at least one token")
@@ -171,6 +176,8 @@ def generate(
     done = [lim <= 0 for lim in limits]
     for step in range(n_new):
         logits = logits.float()
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits[:, vocab_size:] = float("-inf")  # rows the tokenizer has no token for
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (B,)
@@ -318,7 +325,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stream = TextStream(tok, [unescape(s) for s in args.stop], write, prefix_ids=ids)
     generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-             eos_id=tok.eos_ids, pad_id=tok.pad_id or 0, seed=args.seed,
+             eos_id=tok.eos_ids, pad_id=tok.pad_id or 0, seed=args.seed, vocab_size=tok.vocab_size,
              stop=lambda _row: stream.stopped, on_token=lambda _i, t: stream.push(t))
     stream.finish()
     write("\n")

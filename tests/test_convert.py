@@ -229,17 +229,48 @@ def test_greedy_generation_equals_transformers(case, tmp_path):
     assert got == want.tolist()
 
 
-def _word_tokenizer(folder: Path, eos: bool = False) -> None:
-    """tokenizer.json of V whole-word tokens t0 .. t95 (ids 0 .. 95): text <-> ids one to one; with
-    `eos`, id 0 is </s> instead of t0."""
+def _word_tokenizer(folder: Path, eos: bool = False, size: int = V) -> None:
+    """tokenizer.json of `size` whole-word tokens t0 .. t95 (ids 0 .. 95): text <-> ids one to one;
+    with `eos`, id 0 is </s> instead of t0."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    vocab = {("</s>" if eos and i == 0 else f"t{i}"): i for i in range(V)}
+    vocab = {("</s>" if eos and i == 0 else f"t{i}"): i for i in range(size)}
     tok = HFTokenizer(models.WordLevel(vocab, unk_token="t1"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tok.save(str(folder / "tokenizer.json"))
+
+
+def test_generation_never_samples_an_id_the_tokenizer_lacks(tmp_path, capsys):
+    """A model whose embedding table is larger than its tokenizer (vocab padded, as Qwen or Pythia ship
+    it): text generation keeps to the tokenizer's ids, as HF does when told to suppress the rest."""
+    from lmforge import api
+
+    make_hf("gpt2", tmp_path / "hf", seed=4, initializer_range=0.3)
+    hf_dir = tmp_path / "hf"
+    prompt = [5, 17, 42, 8]
+    model, _ = convert.load_hf(hf_dir)
+    free = generate(model, [prompt], max_new_tokens=16, temperature=0)[0]
+    size = 50
+    assert any(i >= size for i in free), "the unrestricted text must use the ids cut off below"
+    _word_tokenizer(hf_dir, size=size)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 4, dtype=torch.long),
+                           max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0,
+                           suppress_tokens=list(range(size, V)))[0, 4:].tolist()
+    assert generate(model, [prompt], max_new_tokens=16, temperature=0, vocab_size=size)[0] == want
+    text = " ".join(f"t{i}" for i in prompt)
+    expect = " " + " ".join(f"t{i}" for i in want)
+    model, tok = api.load(hf_dir)
+    assert tok.vocab_size == size and model.cfg.vocab_size == V
+    assert api.generate(model, tok, text, max_new_tokens=16, temperature=0) == expect
+    capsys.readouterr()
+    assert main(["generate", str(hf_dir), text, "--max-new-tokens", "16", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == expect + "\n"
+    sampled = generate(model, [prompt] * 8, max_new_tokens=16, temperature=2.0, seed=0, vocab_size=size)
+    assert max(max(row) for row in sampled) < size
 
 
 def test_generation_stops_at_every_eos_id_the_checkpoint_lists(tmp_path, capsys):

@@ -46,6 +46,9 @@ def test_greedy_is_argmax_and_max_tokens():
     out = generate(m, [[0, 2], [3]], max_new_tokens=5, temperature=0)
     assert out == [[1] * 5, [1] * 5]
     assert m.calls[0] == (2, 2) and all(c == (2, 1) for c in m.calls[1:]) and len(m.calls) == 5
+    assert generate(m, [[0]], max_new_tokens=3, temperature=0, vocab_size=1) == [[0] * 3]  # id 1 is cut off
+    with pytest.raises(ConfigError, match="vocab_size must be >= 1"):
+        generate(m, [[0]], vocab_size=0)
 
 
 def test_seed_reproducible_and_uniform():
