@@ -434,6 +434,7 @@ def test_eval_cli_reproduces_the_trainers_mlm_eval(shards, tmp_path, capsys):
 
 
 def test_eval_cli_scores_an_mlm_nsp_bert_with_both_heads_by_default(shards, tmp_path, capsys):
+    """... and with the run's own MLM settings, which eval reads from run.yaml (it has no flags for them)."""
     import json
 
     import yaml
@@ -445,6 +446,7 @@ def test_eval_cli_scores_an_mlm_nsp_bert_with_both_heads_by_default(shards, tmp_
     assert main(["pretrain", "bert-tiny", "--data.shards", str(shards / "shards"), "--data.tokenizer",
                  str(shards / "tok" / "tokenizer.json"), "--out", str(run), "--no-progress",
                  "--train.tensorboard=false", "--data.seq_len=32", "--train.max_steps=2",
+                 "--train.mlm_prob=0.4", "--train.nsp_weight=3", "--train.short_seq_prob=0.5",
                  f"--model.vocab_size={Tokenizer.load(shards / 'tok').vocab_size}"]) == 0
     last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln][-1]
     t = yaml.safe_load((run / "run.yaml").read_text())["config"]["train"]

@@ -6,7 +6,8 @@
 The score is the model family's pretraining objective (clm for a gpt, mlm for a bert; --objective
 picks another) computed by `evaluate` below, the same function the Trainer calls every
 `train.eval_every` steps, so a run's logged val_loss and `lmforge eval` agree given the same batches
-(`--batch-size` and `--max-batches` = the run's batch_size and eval_steps, `--dtype` its dtype).
+(`--batch-size` and `--max-batches` = the run's batch_size and eval_steps, `--dtype` its dtype; the
+MLM settings, train.mlm_prob and co., come from the run dir's run.yaml).
 The shards must have been prepared with the model's own tokenizer; meta.json's hash says so.
 """
 
@@ -16,10 +17,12 @@ import argparse
 import itertools
 import json
 import math
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from lmforge import runtime
@@ -83,9 +86,29 @@ def register(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+OBJECTIVE_SETTINGS = ("mlm_prob", "whole_word_mask", "nsp_weight", "short_seq_prob")  # train.* keys
+
+
+def objective_settings(folder: Path) -> dict:
+    """The train.* settings that change what an objective scores (the MLM mask rate, ...) as the run
+    dir's run.yaml recorded them (a checkpoint folder: its run's); {} for an HF folder."""
+    path = folder / "run.yaml"
+    if not path.is_file() and folder.parent.name == "checkpoints":
+        path = folder.parent.parent / "run.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        train = yaml.safe_load(path.read_text(encoding="utf-8"))["config"]["train"]
+        return {k: train[k] for k in OBJECTIVE_SETTINGS if k in train}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as e:
+        print(f"warning: {path} is unreadable ({type(e).__name__}); scoring with the default "
+              f"{', '.join('train.' + k for k in OBJECTIVE_SETTINGS)}", file=sys.stderr)
+        return {}
+
+
 def run(args: argparse.Namespace) -> int:
     from lmforge.api import load
-    from lmforge.config import DataConfig, RunConfig, TrainConfig
+    from lmforge.config import DataConfig, RunConfig, TrainConfig, from_dict
     from lmforge.data.prepare import load_meta
     from lmforge.errors import ConfigError, DataError
     from lmforge.objectives import OBJECTIVES, make_objective, objective_class
@@ -124,8 +147,10 @@ def run(args: argparse.Namespace) -> int:
     if seq_len < objective_class(name).min_seq_len:
         raise ConfigError(f"--seq-len {seq_len} is too short for objective {name}; "
                           f"use >= {objective_class(name).min_seq_len}")
+    train = {"objective": name, "batch_size": args.batch_size, "dtype": args.dtype,
+             **objective_settings(Path(args.run_dir))}
     cfg = RunConfig(model=mcfg, data=DataConfig(shards=str(args.data), seq_len=seq_len),
-                    train=TrainConfig(objective=name, batch_size=args.batch_size, dtype=args.dtype))
+                    train=from_dict(TrainConfig, train, prefix="train."))
     objective = make_objective(cfg, tok)
     stream = objective.stream(args.split, args.batch_size, args.seed, one_pass=True)  # train too
     out = evaluate(model, objective, stream, device, args.dtype, args.max_batches)
