@@ -153,6 +153,7 @@ def test_resume_without_checkpoints_is_a_clear_error(tmp_path):
     cfg = tiny_cfg(tmp_path)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         make_trainer(cfg).fit(resume=True)
+    assert not (tmp_path / "run").exists()  # and no empty run dir is left behind
 
 
 def test_resumed_run_after_fallback_still_finishes(tmp_path):

@@ -172,17 +172,24 @@ def test_info_gpt2_124m():
     assert info["memory"]["fp32"]["adamw"] == 2 * 124_439_808 * 4
 
 
-@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-small", "bert-tiny"])
-def test_info_flops_are_the_ones_the_trainer_reports_mfu_with(preset, tmp_path):
+@pytest.mark.parametrize("preset, over", [
+    ("gpt-tiny", {}), ("llama-small", {}), ("bert-tiny", {}),
+    ("bert-tiny", {"train": {"objective": "mlm"}}),  # the objective drops the pooler and NSP head
+    ("bert-tiny", {"model": {"heads": "none"}, "train": {"objective": "mlm"}}),  # ... or adds an mlm head
+])
+def test_info_flops_are_the_ones_the_trainer_reports_mfu_with(preset, over, tmp_path):
     from lmforge.models.info import model_info
     from lmforge.objectives import make_objective
     from lmforge.train.trainer import Trainer
 
-    cfg = load_config(preset, {"train": {"out_dir": str(tmp_path), "device": "cpu"}})
+    train = {"out_dir": str(tmp_path), "device": "cpu", **over.get("train", {})}
+    cfg = load_config(preset, {**over, "train": train})
     obj = make_objective(cfg, None)
-    trainer = Trainer(cfg, obj.build_model(), obj, progress=False)
+    model = obj.build_model()
+    trainer = Trainer(cfg, model, obj, progress=False)
     info = model_info(cfg)
     assert trainer.flops_per_token == info["flops_per_token"]
+    assert info["params"] == sum(p.numel() for p in model.parameters())  # the model the objective trains
     m = cfg.model  # N: an untied head is already among the non-embedding weights, a tied one is added
     head = m.vocab_size * m.d_model if m.tie_embeddings else 0
     assert info["params_matmul"] == info["params_non_embedding"] + head

@@ -351,6 +351,21 @@ def test_resume_survives_a_torn_metrics_line(shards, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 6
 
 
+@pytest.mark.parametrize("name, text", [("config.json", '{"family": "gp'),
+                                        ("generation_config.json", '{"eos_token_id": "</s>"}')])
+def test_cli_resume_sets_a_corrupt_newest_checkpoint_aside(shards, tmp_path, capsys, name, text):
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2") == 0
+    (out / "checkpoints" / "step-000004" / name).write_text(text)
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2", "--resume", "--train.max_steps=6") == 0
+    err = capsys.readouterr().err
+    assert "moved the corrupt step-000004 aside" in err and "resuming from" in err and "step 2" in err
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [  # keep_last=2 pruned step 2
+        "step-000004", "step-000004.corrupt", "step-000006"]
+
+
 def test_bits_per_byte_counts_characters_cut_between_windows():
     """Byte-level BPE: the bytes of the targets are exact even when a window ends mid-character."""
     from lmforge import tokenizer as tk

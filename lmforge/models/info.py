@@ -48,11 +48,11 @@ def flops_per_token(cfg: ModelConfig, model: torch.nn.Module, seq_len: int) -> f
 
 def model_info(cfg: RunConfig) -> dict:
     """Numbers for the model and the configured batch: params, FLOPs per token, memory (bytes)."""
-    from lmforge.models.store import build_model
+    from lmforge.objectives import make_objective
 
-    m = cfg.model
-    with torch.device("meta"):
-        model = build_model(m)
+    with torch.device("meta"):  # built by the objective, as the Trainer builds it (mlm: no NSP head)
+        model = make_objective(cfg, None).build_model()
+    m = model.cfg
     params, emb = param_counts(model)
     non_emb = params - emb
     T = cfg.data.seq_len or m.max_seq_len

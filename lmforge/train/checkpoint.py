@@ -40,6 +40,7 @@ from torch import nn
 
 from lmforge.errors import CheckpointError
 from lmforge.io import atomic_dir
+from lmforge.models.convert_config import eos_ids
 
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^step-(\d+)(?:-micro-(\d+))?$")
@@ -230,6 +231,7 @@ def latest_good(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, to
     for ckpt in reversed(ckpts):
         try:
             load_model_config(ckpt)
+            eos_ids(ckpt)  # a corrupt generation_config.json makes the checkpoint unusable too
             found = ckpt, load_state(ckpt), load_weights(ckpt)
         except CheckpointError as e:
             errors.append(str(e))

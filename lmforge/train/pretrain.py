@@ -64,13 +64,10 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
         init_cfg, init_weights, init_tok = _read_init(Path(cfg.train.init_from))
         cfg.model = _init_model_config(Path(cfg.train.init_from), init_cfg, init_tok, over.get("model", {}),
                                        tokenizer)
-    if cfg.model.family == "gpt":  # the eos ids a checkpoint names beyond the tokenizer's stay with it
-        from lmforge.models.convert_config import eos_ids
-        from lmforge.train.checkpoint import list_checkpoints
+    if cfg.model.family == "gpt" and cfg.train.init_from:  # its eos ids beyond the tokenizer's stay
+        from lmforge.models.convert_config import eos_ids  # (a resumed checkpoint's: Trainer._restore)
 
-        resumed = list_checkpoints(cfg.train.out_dir)[-1:] if resume else []
-        for source in [Path(cfg.train.init_from)] * bool(cfg.train.init_from) + resumed:
-            tokenizer.add_eos_ids(eos_ids(source))
+        tokenizer.add_eos_ids(eos_ids(cfg.train.init_from))
     check_vocab(cfg.model.vocab_size, max(tokenizer.vocab_size, int(meta.get("vocab_size", 0))))
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
     if seq_len > cfg.model.max_seq_len:

@@ -37,6 +37,7 @@ from lmforge import kernels, runtime
 from lmforge.config import RunConfig, save_run_yaml
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.io import atomic_write_bytes, atomic_write_text
+from lmforge.models.convert_config import eos_ids
 from lmforge.models.info import flops_per_token
 from lmforge.objectives.base import Objective, to_device
 from lmforge.train import checkpoint as ckpt_mod
@@ -89,7 +90,9 @@ class Trainer:
             model.gradient_checkpointing = True
         self.optimizer = build_optimizer(self.model, self.t)
         self.forward_model = torch.compile(self.model) if self.t.compile else self.model
-        self.flops_per_token = flops_per_token(cfg.model, self.model, objective.seq_len)  # as model info
+        # as model info; the model as built (an mlm-only BERT has no NSP head, a headless one gains mlm)
+        self.flops_per_token = flops_per_token(getattr(self.model, "cfg", cfg.model), self.model,
+                                               objective.seq_len)
 
     # -----------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, float]:
@@ -101,10 +104,10 @@ class Trainer:
         runtime.seed_everything(t.seed)
         # the stream first: data that does not suit the objective must not leave an empty run dir
         stream = self.objective.stream("train", t.batch_size, t.seed, self.rank, self.world_size)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         micro0, grads0, loss0 = 0, None, 0.0
-        if resume:
+        if resume:  # before mkdir too: nothing to resume must not leave an empty run dir
             micro0, grads0, loss0 = self._restore(stream)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         save_run_yaml(self.cfg, self.run_dir, {"resumed_at_step": self.step} if resume else None)
         self._open_logs(resume)
         old_handler = self._install_sigint()
@@ -286,6 +289,8 @@ class Trainer:
                     f"cannot resume {ckpt.name} mid-cycle with train.{key}={getattr(self.t, key)}; "
                     f"it was saved with {state.get(key)}: pass --train.{key}={state.get(key)}")
         ckpt_mod.apply_weights(self.model, weights, ckpt)
+        if self.tokenizer is not None and getattr(self.model, "cfg", self.cfg.model).family == "gpt":
+            self.tokenizer.add_eos_ids(eos_ids(ckpt))  # e.g. an imported instruct model's end-of-turn id
         self.optimizer.load_state_dict(state["optimizer"])
         apply_hparams(self.optimizer, self.t)  # load_state_dict brought back the old betas/eps/decay
         stream.load_state_dict(state["stream"])
