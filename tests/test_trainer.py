@@ -232,16 +232,20 @@ def test_bf16_autocast_and_activation_checkpointing_train(tmp_path):
 # `lmforge pretrain` end to end on real shards (tokenizer -> prepare -> pretrain -> load)
 
 
+def shard_docs() -> list[str]:
+    words = "the quick brown fox jumps over a lazy dog while seven wise owls sing héllo 世界".split()
+    g = torch.Generator().manual_seed(0)
+    return [" ".join(words[int(i)] for i in torch.randint(0, len(words), (60,), generator=g))
+            for _ in range(80)]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from lmforge import tokenizer as tk
     from lmforge.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("data")
-    words = "the quick brown fox jumps over a lazy dog while seven wise owls sing héllo 世界".split()
-    g = torch.Generator().manual_seed(0)
-    docs = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (60,), generator=g))
-            for _ in range(80)]
+    docs = shard_docs()
     tk.train("bpe", docs, vocab_size=300).save(root / "tok" / "tokenizer.json")
     prepare([], root / "tok" / "tokenizer.json", root / "shards", documents=docs, val_fraction=0.2,
             progress=False)
@@ -364,6 +368,29 @@ def test_cli_resume_sets_a_corrupt_newest_checkpoint_aside(shards, tmp_path, cap
     assert "moved the corrupt step-000004 aside" in err and "resuming from" in err and "step 2" in err
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == [  # keep_last=2 pruned step 2
         "step-000004", "step-000004.corrupt", "step-000006"]
+
+
+def test_resume_refuses_shards_of_another_tokenizer_and_a_finished_run(shards, tmp_path, capsys):
+    from lmforge import tokenizer as tk
+    from lmforge.data.prepare import prepare
+
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    # the same documents through another tokenizer: the windows may even line up, the ids do not
+    docs = shard_docs()
+    tk.train("bpe", docs, vocab_size=290).save(tmp_path / "tok2" / "tokenizer.json")
+    prepare([], tmp_path / "tok2" / "tokenizer.json", tmp_path / "other", documents=docs,
+            val_fraction=0.2, progress=False)
+    capsys.readouterr()
+    assert pretrain_cli("--data.shards", tmp_path / "other", "--out", out, "--model.vocab_size=320",
+                        "--resume", "--train.max_steps=6") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is not the tokenizer {out} was trained with" in err
+    # a run already at train.max_steps: nothing to do is said, not done (no second final eval line)
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--resume") == 2
+    assert "is at step 4 and train.max_steps=4: nothing to train" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_bits_per_byte_counts_characters_cut_between_windows():

@@ -75,6 +75,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
                           f"pass --data.seq_len={cfg.model.max_seq_len} or raise model.max_seq_len")
     replace = _check_out_dir(Path(cfg.train.out_dir), resume, overwrite)
     if resume:
+        _check_run_tokenizer(Path(cfg.train.out_dir), tokenizer, tok_path)
         _note_changed_settings(cfg, Path(cfg.train.out_dir) / "run.yaml")
 
     runtime.seed_everything(cfg.train.seed)  # model init is part of the run's seed
@@ -136,6 +137,27 @@ def _init_model_config(init: Path, cfg: ModelConfig, init_tok, model_over: dict,
                         f"`lmforge prepare --tokenizer {init / 'tokenizer.json'}` so the ids mean what the "
                         "model learned")
     return cfg
+
+
+def _check_run_tokenizer(out: Path, tokenizer, tok_path: Path) -> None:
+    """--resume must go on with the ids the run learned: shards of another tokenizer would train on
+    in silence. The run's tokenizer is its top-level tokenizer.json, else its newest readable checkpoint's."""
+    from lmforge.errors import LmforgeError
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import list_checkpoints
+
+    for folder in [out, *reversed(list_checkpoints(out))]:
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            continue
+        try:
+            theirs = Tokenizer.load(path)
+        except LmforgeError:
+            continue  # a corrupt checkpoint: the Trainer sets it aside; an older one decides
+        if theirs.hash != tokenizer.hash:
+            raise DataError(f"{tok_path} is not the tokenizer {out} was trained with; resume with shards "
+                            f"prepared with {path}, or start a new run with another --out")
+        return
 
 
 def _note_changed_settings(cfg, run_yaml: Path) -> None:

@@ -46,7 +46,7 @@ from lmforge.train.optim import apply_hparams, build_optimizer, lr_at, set_lr
 
 
 class TrainingError(LmforgeError):
-    """The run cannot continue (diverged to NaN / inf)."""
+    """The run cannot continue (diverged to NaN / inf) or has nothing left to do."""
 
 
 def check_vocab(vocab_size: int, needed: int) -> None:
@@ -107,6 +107,9 @@ class Trainer:
         micro0, grads0, loss0 = 0, None, 0.0
         if resume:  # before mkdir too: nothing to resume must not leave an empty run dir
             micro0, grads0, loss0 = self._restore(stream)
+            if self.step >= t.max_steps:
+                raise TrainingError(f"{self.run_dir}'s checkpoint is at step {self.step} and train.max_steps="
+                                    f"{t.max_steps}: nothing to train; raise --train.max_steps to go on")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_run_yaml(self.cfg, self.run_dir, {"resumed_at_step": self.step} if resume else None)
         self._open_logs(resume)
