@@ -774,6 +774,68 @@ def test_an_hf_folder_given_where_a_run_dir_belongs_is_named_as_such(tmp_path, c
     assert "\n" not in str(e.value)
 
 
+def _training_run(run: Path) -> None:
+    """A tiny run dir as training leaves it: the model, run.yaml, metrics.jsonl and a checkpoint."""
+    _run_dir(run, vocab_size=V)
+    _run_dir(run / "checkpoints" / "step-000004", vocab_size=V)
+    (run / "run.yaml").write_text("config: {}\n")
+    (run / "metrics.jsonl").write_text('{"step": 4}\n')
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_output_that_is_inside_or_holds_the_source_is_refused_even_with_force(tmp_path, capsys):
+    """--force replaces OUT_DIR: when OUT_DIR is the source, lies inside it or holds it, that would delete
+    the source, so it is a one-line error and nothing is written or deleted."""
+    run, hf = tmp_path / "runs" / "g", tmp_path / "hfs" / "h"
+    _training_run(run)
+    make_hf("gpt2", hf)
+    before = _files(tmp_path)
+    capsys.readouterr()
+    cases = [  # (way, source, OUT_DIR, what the error says)
+        ("--to-hf", run, run, "is the folder being converted"),
+        ("--to-hf", run, run / ".." / "g", "is the folder being converted"),
+        ("--to-hf", run, run / "checkpoints", "is the folder being converted (or inside it)"),
+        ("--to-hf", run / "checkpoints" / "step-000004", run, "holds the folder being converted"),
+        ("--from-hf", hf, hf, "is the folder being converted"),
+        ("--from-hf", hf, hf.parent, "holds the folder being converted"),
+    ]
+    for way, src, out, needle in cases:
+        for extra in (["--force"], []):
+            assert main(["convert", way, str(src), str(out), *extra]) == 2, (way, src, out, extra)
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and err.count("\n") == 1, err
+            assert needle in err and "choose another output folder" in err, err
+            assert _files(tmp_path) == before, (way, src, out, extra)  # source untouched, no temp folder
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.name.startswith(".")) == []
+    assert main(["convert", "--to-hf", str(run), str(run / "hf")]) == 0  # a new folder inside: fine
+    after = _files(tmp_path)
+    assert {k: v for k, v in after.items() if not k.startswith("runs/g/hf/")} == before
+    assert "runs/g/hf/config.json" in after
+
+
+def test_a_run_dir_given_where_an_hf_folder_belongs_is_named_as_such(tmp_path, capsys):
+    """The mirror of the --to-hf check above: --from-hf (and read_hf) on our own run dir or checkpoint
+    says what it is and how to export it, not 'unsupported architecture'."""
+    run = tmp_path / "gpt"
+    _training_run(run)
+    _run_dir(tmp_path / "plain", vocab_size=V)  # save_model's folder: our config.json, no run.yaml
+    for folder in (run, run / "checkpoints" / "step-000004", tmp_path / "plain"):
+        assert main(["convert", "--from-hf", str(folder), str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert f"{folder} is an lmforge run dir, not a Hugging Face folder" in err, err
+        assert f"`lmforge convert --to-hf {folder} OUT`" in err and "unsupported" not in err, err
+        assert not (tmp_path / "out").exists()
+        with pytest.raises(CheckpointError, match="is an lmforge run dir"):
+            convert.read_hf(folder)
+    assert main(["convert", "--to-hf", str(run), str(tmp_path / "out")]) == 0  # the advice works
+    cfg = convert.read_hf(tmp_path / "out")[0]  # and the exported HF folder reads as before
+    assert (cfg.family, cfg.n_layer, cfg.d_model, cfg.vocab_size) == ("gpt", 1, 16, V)
+
+
 def test_export_without_tokenizer_warns_once_on_stderr(tmp_path, capsys):
     _run_dir(tmp_path / "run", vocab_size=V)
     assert main(["convert", "--to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0

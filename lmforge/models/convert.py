@@ -229,6 +229,7 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
 
     from lmforge.tokenizer import Tokenizer
 
+    _refuse_run_dir(Path(hf_dir))
     hf = read_hf_config(hf_dir)
     flavour = ARCHITECTURES[hf_architecture(hf)]
     cfg = config_from_hf(hf)
@@ -240,6 +241,18 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     if tok is not None:
         check_tokenizer_fits(hf_dir, tok.get_vocab_size(with_added_tokens=True), cfg.vocab_size)
     return cfg, sd, (Tokenizer(tok) if tok is not None else None)
+
+
+def _refuse_run_dir(folder: Path) -> None:
+    """An lmforge run dir or checkpoint (run.yaml, checkpoints/, or our config.json with its `family`)
+    given where an HF folder belongs: say so, and how to export it (the mirror of _read_run's check)."""
+    if is_hf_dir(folder) or not folder.is_dir():
+        return
+    cfg = folder / "config.json"
+    if ((folder / "run.yaml").is_file() or (folder / "checkpoints").is_dir()
+            or (cfg.is_file() and "family" in read_json(cfg))):
+        raise CheckpointError(f"{folder} is an lmforge run dir, not a Hugging Face folder; to export it use "
+                              f"`lmforge convert --to-hf {folder} OUT`")
 
 
 def check_tokenizer_fits(folder: str | Path, n_ids: int, vocab_size: int) -> None:
@@ -260,7 +273,14 @@ def load_hf(hf_dir: str | Path, device: str | torch.device = "cpu", dtype: torch
     return model.eval(), tok
 
 
-def _check_out(out_dir: Path, force: bool) -> None:
+def _check_out(out_dir: Path, force: bool, src: str | Path) -> None:
+    out, source = out_dir.resolve(), Path(src).resolve()  # --force replaces OUT_DIR: never the source
+    if out == source or (source in out.parents and out.exists()):  # a new folder inside it is harmless
+        raise CheckpointError(f"OUT_DIR {out_dir} is the folder being converted (or inside it); choose "
+                              "another output folder")
+    if out in source.parents:
+        raise CheckpointError(f"OUT_DIR {out_dir} holds the folder being converted ({src}); choose "
+                              "another output folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir} is a file, not a folder; choose a new folder for the output")
     for parent in out_dir.parents:
@@ -282,7 +302,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> M
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    _check_out(out_dir, force)
+    _check_out(out_dir, force, hf_dir)
     cfg, sd, tok = read_hf(hf_dir)
     arch = hf_architecture(read_hf_config(hf_dir))
     # e.g. an instruct model's end-of-turn token: generate stops there too (encoders never generate)
@@ -338,7 +358,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
     from safetensors.torch import save_file
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    _check_out(out_dir, force)
+    _check_out(out_dir, force, run_dir)
     cfg, sd = _read_run(run_dir)
     arch = default_arch(cfg)
     hf_sd = to_hf_state_dict(sd, cfg, arch)
