@@ -216,6 +216,17 @@ def test_cli_files_and_bad_input(bpe, tmp_path, capsys):
         prepare([str(good)], bpe, tmp_path, progress=False)  # a folder with other files in it
 
 
+@pytest.mark.parametrize("flag,value,least", [("--workers", "0", 1), ("--shard-tokens", "0", 1),
+                                              ("--val-docs", "-1", 0)])
+def test_bad_count_flag_is_named_with_its_value(flag, value, least, bpe, tmp_path, capsys):
+    data = tmp_path / "docs.txt"
+    data.write_text("one doc")
+    assert main(["prepare", "--data", str(data), "--tokenizer", str(bpe), "--out", str(tmp_path / "o"),
+                 flag, value]) == 2
+    assert capsys.readouterr().err == f"error: {flag} must be >= {least}, got {value}\n"
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("kind,sep", [("wordpiece", "[SEP]"), ("unigram", "</s>")])
 def test_other_families_use_their_separator(kind, sep, corpus, tmp_path):
     tok = train(kind, corpus, vocab_size=500, extra_ids=4)

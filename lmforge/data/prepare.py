@@ -191,8 +191,10 @@ def prepare(
 
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if workers < 1 or shard_tokens < 1 or (val_docs is not None and val_docs < 0):
-        raise ConfigError("--workers and --shard-tokens must be >= 1 and --val-docs >= 0")
+    for flag, value, least in (("--workers", workers, 1), ("--shard-tokens", shard_tokens, 1),
+                               ("--val-docs", val_docs, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be >= {least}, got {value}")
     tok = Tokenizer.load(tokenizer)
     dtype = _pick_dtype(dtype, tok.vocab_size)
     out = Path(out)
