@@ -31,8 +31,9 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
                prompts: list[str] | None = None, overrides: list[str] | None = None) -> dict:
     from lmforge import api, tokenizer
     from lmforge.config import load_config, merge, parse_overrides
+    from lmforge.data import sources
     from lmforge.data.prepare import prepare
-    from lmforge.data.readers import ReadStats, iter_documents
+    from lmforge.data.readers import ReadStats, iter_documents, resolve
     from lmforge.errors import ConfigError
     from lmforge.train.pretrain import pretrain
 
@@ -46,24 +47,33 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
         raise ConfigError(f"quickstart trains a GPT (objective clm) but {preset} is a {cfg.model.family} "
                           f"preset for {cfg.train.objective}; use a gpt preset, or run the BERT steps of "
                           "docs/bert.md")
+    if data not in sources.SOURCES:  # a named source is fetched in step 1; anything else must exist now
+        resolve(data)
+    tokenizer.check_vocab_size("bpe", vocab_size)
     root = Path(out)
-    if root.exists():  # a quickstart dir is always rebuilt from scratch
+    fresh = not root.exists()
+    if not fresh:  # a quickstart dir is always rebuilt from scratch
         if not (root / "quickstart.txt").exists():
             raise ConfigError(f"{root} exists and was not written by quickstart; pass another --out")
         shutil.rmtree(root)
     root.mkdir(parents=True)
     (root / "quickstart.txt").write_text("written by `lmforge quickstart`; safe to delete\n")
 
-    _step(1, f"data: {data}")
-    stats = ReadStats()
-    docs = sum(1 for _ in iter_documents(data, stats=stats))  # fetches a named source if needed
-    print(f"  {docs} documents, {stats.bytes / 1e6:.1f} MB")
+    try:
+        _step(1, f"data: {data}")
+        stats = ReadStats()
+        docs = sum(1 for _ in iter_documents(data, stats=stats))  # fetches a named source if needed
+        print(f"  {docs} documents, {stats.bytes / 1e6:.1f} MB")
 
-    _step(2, f"tokenizer: byte-level BPE, vocab {vocab_size}")
-    tok = tokenizer.train("bpe", iter_documents(data), vocab_size=vocab_size)
-    tok_path = root / "tokenizer" / "tokenizer.json"
-    tok.save(tok_path)
-    print(f"  {tok.vocab_size} tokens -> {tok_path}")
+        _step(2, f"tokenizer: byte-level BPE, vocab {vocab_size}")
+        tok = tokenizer.train("bpe", iter_documents(data), vocab_size=vocab_size)
+        tok_path = root / "tokenizer" / "tokenizer.json"
+        tok.save(tok_path)
+        print(f"  {tok.vocab_size} tokens -> {tok_path}")
+    except BaseException:
+        if fresh:  # nothing worth keeping yet (a failed fetch, empty data, Ctrl-C): leave no folder behind
+            shutil.rmtree(root, ignore_errors=True)
+        raise
 
     _step(3, "prepare: token shards")
     shards = root / "shards"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -234,6 +235,15 @@ def _post_processor(kind: str, tok: _HFTokenizer) -> None:
         )
 
 
+def check_vocab_size(kind: str, vocab_size: int, extra_ids: int = 100) -> None:
+    """Refuse, before any work, a vocab size that cannot hold the family's specials and alphabet."""
+    if extra_ids < 0:
+        raise ConfigError(f"--extra-ids must be >= 0 (the number of <extra_id_N> sentinels), got {extra_ids}")
+    floor = len(build(kind, extra_ids=extra_ids)[1]) + (256 if kind == "bpe" else 1)
+    if vocab_size <= floor:
+        raise ConfigError(f"--vocab-size {vocab_size} is too small for {kind}; use more than {floor}")
+
+
 def train(
     kind: str,
     texts: Iterable[str],
@@ -251,12 +261,8 @@ def train(
     >>> tok.decode(tok.encode("hello"))
     'hello'
     """
-    if extra_ids < 0:
-        raise ConfigError(f"--extra-ids must be >= 0 (the number of <extra_id_N> sentinels), got {extra_ids}")
+    check_vocab_size(kind, vocab_size, extra_ids)
     tok, specials = build(kind, lowercase=lowercase, extra_ids=extra_ids)
-    floor = len(specials) + (256 if kind == "bpe" else 1)
-    if vocab_size <= floor:
-        raise ConfigError(f"--vocab-size {vocab_size} is too small for {kind}; use more than {floor}")
     added = [AddedToken(s, special=True, normalized=False) for s in specials]
     if kind == "wordpiece":
         tok = _train_wordpiece(tok, specials, texts, vocab_size, min_frequency, show_progress)
@@ -303,6 +309,12 @@ def _train_wordpiece(tok: _HFTokenizer, specials: list[str], texts: Iterable[str
         pieces = sorted(t for t in probe.get_vocab() if t.startswith("##"))
         again = texts if spool is None else (json.loads(line) for line in spool.open(encoding="utf-8"))
         tok.train_from_iterator(_batches(again), trainer=trainer(vocab_size, specials + pieces))
+    if tok.get_vocab_size() > vocab_size:  # the alphabet and its ##x pieces are kept whatever the size
+        chars = probe.get_vocab_size() - len(specials) - len(pieces)
+        print(f"note: the wordpiece vocab has {tok.get_vocab_size():,} tokens, more than --vocab-size "
+              f"{vocab_size:,}: it always holds every character of the text ({chars:,}), their ##x "
+              f"continuation pieces ({len(pieces):,}) and the {len(specials)} specials; a larger "
+              "--vocab-size leaves room for merged pieces", file=sys.stderr)
     spec = json.loads(tok.to_str())
     reserved = set(pieces)
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in reserved]

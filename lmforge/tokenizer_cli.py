@@ -138,9 +138,23 @@ def _out_file(out: str, overwrite: bool) -> Path:
     file = save_path(out)
     if file != Path(out) and Path(out).is_file():
         raise ConfigError(f"--out {out} is a file, not a folder; give a folder or a path ending in .json")
+    if what := _not_a_tokenizer_folder(file.parent):  # even with --overwrite: the ids there mean its tokens
+        raise ConfigError(f"{file.parent} is {what}, not a tokenizer folder: its tokenizer.json must stay "
+                          "the one it was made with; choose another --out")
     if file.exists() and not overwrite:
         raise ConfigError(f"{file} already exists; pass --overwrite to replace it, or choose another --out")
     return file
+
+
+def _not_a_tokenizer_folder(folder: Path) -> str:
+    """What else lmforge wrote `folder` as: 'a shard folder (meta.json)', 'a run dir (run.yaml)', a model
+    or checkpoint folder; '' for a new folder, a tokenizer folder or any other."""
+    from lmforge.data.readers import lmforge_output
+
+    if (folder / "meta.json").is_file():
+        return "a shard folder (meta.json)"
+    what = lmforge_output(folder)
+    return "" if what.startswith("a tokenizer") else what
 
 
 def _cmd_train(args: argparse.Namespace) -> int:

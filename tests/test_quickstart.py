@@ -74,3 +74,30 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out == f"lmforge {lmforge.__version__}\n"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--data", "nofile.txt"], "error: nofile.txt: no such file, folder or named source; named sources: "),
+    (["--vocab-size", "100"], "error: --vocab-size 100 is too small for bpe; use more than 259"),
+])
+def test_bad_data_or_vocab_size_fails_before_the_old_output_is_deleted(flags, message, tmp_path, capsys,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    old = tmp_path / "runs" / "qs0"  # what a complete earlier quickstart left
+    for name in ("quickstart.txt", "tokenizer/tokenizer.json", "shards/meta.json", "run/run.yaml",
+                 "run/model.safetensors"):
+        (old / name).parent.mkdir(parents=True, exist_ok=True)
+        (old / name).write_text(name)
+    before = sorted(str(p.relative_to(old)) for p in old.rglob("*"))
+    args = ["quickstart", "--data", str(_corpus(tmp_path)), "--preset", "gpt-tiny", "--steps", "2", *flags]
+    assert main([*args, "--out", "runs/qs0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == before
+    assert (old / "run" / "model.safetensors").read_text() == "run/model.safetensors"
+    # a first run that fails leaves no folder behind, before or after it starts reading the data
+    assert main([*args, "--out", "runs/qsn"]) == 2
+    (tmp_path / "blank.txt").write_text(" \n\n")
+    assert main([*args[:-2], "--data", "blank.txt", "--out", "runs/qsn"]) == 2
+    assert "blank.txt: no non-empty documents" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["qs0"]

@@ -188,6 +188,49 @@ def test_cli_train_out_never_overwrites_silently(tmp_path, capsys):
     assert tok.save(tmp_path / "dir.json") == tmp_path / "dir.json" / "tokenizer.json"
 
 
+@pytest.mark.parametrize("folder,markers,what", [
+    ("run", ["run.yaml", "checkpoints/step-000002/model.safetensors"], "a run dir (run.yaml)"),
+    ("run/checkpoints/step-000002", ["config.json", "model.safetensors", "trainer_state.pt"],
+     "a model folder (config.json + weights)"),
+    ("hf", ["config.json", "model.safetensors"], "a model folder (config.json + weights)"),
+    ("shards", ["meta.json", "train/shard-00000.bin", "train/docs.npy"], "a shard folder (meta.json)"),
+])
+def test_cli_train_out_never_replaces_the_tokenizer_of_a_run_model_or_shards(folder, markers, what,
+                                                                             tmp_path, capsys):
+    data = tmp_path / "docs.txt"
+    data.write_text("the cat sat on the mat\n" * 50)
+    out = tmp_path / folder
+    for name in [*markers, "tokenizer.json"]:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(f"{folder}'s own {name}")
+    args = ["tokenizer", "train", "--type", "bpe", "--data", str(data), "--vocab-size", "300", "--overwrite"]
+    for where in (out, out / "tokenizer.json"):
+        assert main([*args, "--out", str(where)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {out} is {what}, not a tokenizer folder: its tokenizer.json must stay the " \
+                      "one it was made with; choose another --out\n", err
+    assert (out / "tokenizer.json").read_text() == f"{folder}'s own tokenizer.json"
+    assert main([*args, "--out", str(tmp_path / "tok")]) == 0  # another --out is fine
+
+
+def test_wordpiece_says_when_the_alphabet_outgrows_the_vocab_size(tmp_path, capsys):
+    rng = random.Random(0)
+    letters = [chr(c) for c in range(0x100, 0x500) if chr(c).isalpha() and chr(c).islower()]
+    data = tmp_path / "many.txt"
+    data.write_text(" ".join("".join(rng.choice(letters) for _ in range(4)) for _ in range(2000)))
+    args = ["tokenizer", "train", "--type", "wordpiece", "--data", str(data), "--out"]
+    assert main([*args, str(tmp_path / "small"), "--vocab-size", "300"]) == 0
+    err = capsys.readouterr().err
+    tok = Tokenizer.load(tmp_path / "small")
+    chars = sum(len(t) == 1 for t in tok.inner.get_vocab())
+    assert tok.vocab_size == 5 + 2 * chars > 300  # every character, also as ##x: the result is as before
+    assert err.startswith(f"note: the wordpiece vocab has {tok.vocab_size:,} tokens, more than --vocab-size "
+                          f"300: it always holds every character of the text ({chars:,}), their ##x")
+    assert err.count("\n") == 1, err
+    assert main([*args, str(tmp_path / "big"), "--vocab-size", "900"]) == 0
+    assert capsys.readouterr().err == "" and Tokenizer.load(tmp_path / "big").vocab_size <= 900
+
+
 def test_negative_extra_ids_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--extra-ids must be >= 0"):
         train("unigram", ["a b c"] * 10, vocab_size=200, extra_ids=-1)

@@ -110,7 +110,7 @@ def resolve(spec: str | Path) -> list[Path]:
             raise DataError(f"{path}: unsupported file type {path.suffix!r}; use one of {supported} (or .gz)")
         return [path]
     if path.is_dir():
-        if what := _output(path):
+        if what := lmforge_output(path):
             raise DataError(f"folder {path} is {what} that lmforge wrote, not data; "
                             "give the folder of your documents (keep lmforge's outputs out of it)")
         files = sorted(_folder_files(path))
@@ -136,15 +136,15 @@ def resolve(spec: str | Path) -> list[Path]:
 
 def _folder_files(root: Path) -> Iterator[Path]:
     """Supported files under `root`, leaving out hidden entries and lmforge's own outputs kept there
-    (see _output), so `--data data/` still reads only the data after `prepare --out data/shards`."""
+    (see lmforge_output), so `--data data/` still reads only the data after `prepare --out data/shards`."""
     for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _output(Path(folder, d))]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not lmforge_output(Path(folder, d))]
         for name in names:
             if not name.startswith(".") and file_kind(Path(folder, name)):
                 yield Path(folder, name)
 
 
-def _output(folder: Path) -> str:
+def lmforge_output(folder: Path) -> str:
     """What lmforge wrote `folder` as ('a run dir (run.yaml)', ...), or '' for a folder of data."""
     if (folder / "run.yaml").is_file():
         return "a run dir (run.yaml)"
