@@ -276,7 +276,13 @@ def train(
             trainer = trainers.UnigramTrainer(
                 vocab_size=vocab_size, special_tokens=added, unk_token="<unk>", show_progress=show_progress,
             )
-        tok.train_from_iterator(_batches(texts), trainer=trainer)
+        try:
+            tok.train_from_iterator(_batches(texts), trainer=trainer)
+        except Exception as e:  # the Rust trainer's own words, as a plain Exception
+            if "not large enough to contain all chars" not in str(e):
+                raise
+            raise ConfigError(f"--vocab-size {vocab_size} is too small for {kind} on this text: the vocab "
+                              "must hold every character it uses; raise --vocab-size") from None
     _post_processor(kind, tok)
     # hand back what tokenizer.json will hold: a freshly trained Unigram can segment a few strings
     # differently from the same model read back from its JSON (seen ~1 in 20 trainings)

@@ -231,6 +231,19 @@ def test_wordpiece_says_when_the_alphabet_outgrows_the_vocab_size(tmp_path, caps
     assert capsys.readouterr().err == "" and Tokenizer.load(tmp_path / "big").vocab_size <= 900
 
 
+def test_unigram_too_small_for_the_alphabet_is_a_one_line_error(tmp_path, capsys):
+    rng = random.Random(0)
+    letters = [chr(c) for c in range(0x100, 0x500) if chr(c).isalpha() and chr(c).islower()]
+    data = tmp_path / "many.txt"
+    data.write_text(" ".join("".join(rng.choice(letters) for _ in range(4)) for _ in range(2000)))
+    assert main(["tokenizer", "train", "--type", "unigram", "--data", str(data), "--vocab-size", "200",
+                 "--out", str(tmp_path / "tok")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --vocab-size 200 is too small for unigram on this text: the vocab must hold every "
+                   "character it uses; raise --vocab-size\n")
+    assert not (tmp_path / "tok").exists()
+
+
 def test_negative_extra_ids_is_a_one_line_error(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--extra-ids must be >= 0"):
         train("unigram", ["a b c"] * 10, vocab_size=200, extra_ids=-1)
