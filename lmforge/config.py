@@ -373,3 +373,14 @@ def save_run_yaml(cfg: RunConfig, out_dir: str | Path, extra: dict[str, Any] | N
     path = Path(out_dir) / "run.yaml"
     atomic_write_text(path, yaml.safe_dump(doc, sort_keys=False))
     return path
+
+
+def read_run_train(path: str | Path) -> dict[str, Any]:
+    """The train section a run.yaml recorded; raises ValueError (saying why) when it cannot be read."""
+    try:
+        train = yaml.safe_load(Path(path).read_text(encoding="utf-8"))["config"]["train"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as e:
+        raise ValueError(type(e).__name__) from e
+    if not isinstance(train, dict):
+        raise ValueError("train is not a mapping")
+    return train

@@ -22,10 +22,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from lmforge import runtime
+from lmforge.config import read_run_train
 from lmforge.objectives.base import Objective, to_device
 
 
@@ -98,12 +98,12 @@ def objective_settings(folder: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        train = yaml.safe_load(path.read_text(encoding="utf-8"))["config"]["train"]
-        return {k: train[k] for k in OBJECTIVE_SETTINGS if k in train}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as e:
-        print(f"warning: {path} is unreadable ({type(e).__name__}); scoring with the default "
+        train = read_run_train(path)
+    except ValueError as e:
+        print(f"warning: {path} is unreadable ({e}); scoring with the default "
               f"{', '.join('train.' + k for k in OBJECTIVE_SETTINGS)}", file=sys.stderr)
         return {}
+    return {k: train[k] for k in OBJECTIVE_SETTINGS if k in train}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lmforge.config import ModelConfig, load_config, merge, parse_overrides
+from lmforge.config import ModelConfig, load_config, merge, parse_overrides, read_run_train
 from lmforge.errors import ConfigError, DataError
 
 HEADS = ("pooler", "nsp", "mlm")  # task heads an objective may leave out of a model (bert.py)
@@ -163,11 +163,9 @@ def _check_run_tokenizer(out: Path, tokenizer, tok_path: Path) -> None:
 def _note_changed_settings(cfg, run_yaml: Path) -> None:
     """On --resume, one stderr note naming the train.* settings that differ from the run's run.yaml
     (e.g. a larger max_steps stretches the LR schedule: legitimate, but not the run as it was)."""
-    import yaml
-
     try:
-        before = yaml.safe_load(run_yaml.read_text(encoding="utf-8"))["config"]["train"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        before = read_run_train(run_yaml)
+    except ValueError:
         return  # no record to compare with: nothing to say
     now = dataclasses.asdict(cfg.train)
     changed = [f"train.{k}={now[k]!r} (was {before[k]!r})" for k in now if before.get(k, now[k]) != now[k]]
