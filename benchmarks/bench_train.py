@@ -13,7 +13,8 @@ attn_implementation eager|sdpa x fp32|bf16 autocast (x torch.compile with --hf-c
 its fastest, scoring with its own loss. Each side runs in its own process
 (so our process-wide allocator setting stays ours unless --hf-keep-freed-memory gives it to HF too);
 the sides take turns for `--rounds` rounds and each keeps its best round, so a noisy neighbour hurts
-both alike.
+both alike. The median of the per-round ratios is printed too: the VM's own speed drifts 5-10% within
+minutes, and a ratio of two rounds run back to back cancels most of that drift.
 
     python benchmarks/bench_train.py                      # everything (HF search without compile)
     python benchmarks/bench_train.py --hf-compile         # also HF + torch.compile (slow to compile)
@@ -36,6 +37,7 @@ import argparse
 import contextlib
 import multiprocessing as mp
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -72,6 +74,7 @@ class Side:
     step: object
     losses: list = field(default_factory=list)
     best_tps: float = 0.0
+    rounds: list = field(default_factory=list)  # tokens/s of each timed round
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,7 +335,8 @@ def main() -> None:
             side.step.send(args.steps)
             secs, losses = side.step.recv()
             side.losses += losses
-            side.best_tps = max(side.best_tps, args.steps * tokens / secs)
+            side.rounds.append(args.steps * tokens / secs)
+            side.best_tps = max(side.rounds)
             print(f"  round {r + 1} {side.name}: {args.steps * tokens / secs:,.0f} tokens/s", flush=True)
     for side, p in zip(sides, procs):
         side.step.send(None)
@@ -342,6 +346,10 @@ def main() -> None:
     print(f"\nHF best:  {hf.name}: {hf.best_tps:,.0f} tokens/s")
     print(f"ours:     {ours.name}: {ours.best_tps:,.0f} tokens/s")
     print(f"ratio ours / HF best: {ours.best_tps / hf.best_tps:.2f}x")
+    # the VM's speed drifts within a run; rounds run back to back, so a round's own ratio cancels most of it
+    paired = sorted(o / h for o, h in zip(ours.rounds, hf.rounds))
+    print(f"per-round ratio (ours / that HF side, same round): median {statistics.median(paired):.2f}x, "
+          f"range {paired[0]:.2f}-{paired[-1]:.2f}x over {len(paired)} rounds")
     print(f"loss after {n_total} steps on the same batches: ours {ours.losses[-1]:.4f}, "
           f"HF {hf.losses[-1]:.4f} (step 1: {ours.losses[0]:.4f} / {hf.losses[0]:.4f})")
 

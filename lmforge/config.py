@@ -119,7 +119,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     keep_freed_memory: bool = True  # CPU: glibc keeps freed blocks (no page faults each step)
-    fused_kernels: bool = True  # compiled GELU (CPU) + cross-entropy (CPU, CUDA): lmforge/kernels.py
+    fused_kernels: bool = True  # GELU, linear + bias (CPU), cross-entropy (CPU, CUDA): lmforge/kernels.py
     batch_size: int = 16  # micro-batch, sequences
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 1000

@@ -137,3 +137,38 @@ def test_eager_cross_entropy_is_the_same_for_any_chunk_size():
         total, grad = ChunkedCrossEntropy.eager(logits, labels, rows)
         torch.testing.assert_close(total, ref, rtol=1e-6, atol=1e-4)
         assert torch.equal(grad, grad32), rows  # row-wise math: chunking cannot change a gradient row
+
+
+@pytest.mark.parametrize("frozen", ["nothing", "weight"])
+def test_linear_with_the_bias_in_onednn_equals_autocast_linear(kernel_state, frozen):
+    """Training under bf16 autocast: the same output as F.linear bit for bit, the same gradients."""
+    from lmforge.models.layers import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    ref = torch.nn.Linear(24, 40)
+    ref.load_state_dict(layer.state_dict())
+    for m in (layer, ref):
+        m.weight.requires_grad_(frozen != "weight")
+    x = torch.randn(3, 7, 24)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    upstream = torch.randn(3, 7, 40).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = layer(x1), ref(x2)
+    assert type(y.grad_fn).__name__ == "ViewBackward0" and y.grad_fn.next_functions[0][0].name() == \
+        "_LinearBiasBackward"  # the oneDNN kernel ran (this CPU supports bf16 in oneDNN)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.backward(upstream)
+    y_ref.backward(upstream)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias.grad, ref.bias.grad, rtol=1e-2, atol=1e-2)
+    if frozen == "weight":
+        assert layer.weight.grad is None
+    else:  # bf16 GEMMs summing over the 21 rows in another order
+        torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=1e-2, atol=1e-2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: ATen's linear
+        assert layer(x).grad_fn is None and torch.equal(layer(x), ref(x))
+    kernels.set_enabled(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert type(layer(x1).grad_fn).__name__ == "ViewBackward0"
+        assert layer(x1).grad_fn.next_functions[0][0].name() != "_LinearBiasBackward"

@@ -170,6 +170,14 @@ class KVCache:
         self.pos = 0
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose bias oneDNN adds inside the GEMM while training on a CPU in bf16
+    (`kernels.linear`); the same parameters, state_dict and values as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # attention
 
@@ -197,8 +205,8 @@ class Attention(nn.Module):
         self.causal = causal
         self.impl = cfg.attn_impl
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.hs, bias=cfg.bias)
-        self.o = nn.Linear(self.n_head * self.hs, cfg.d_model, bias=cfg.bias)
+        self.qkv = Linear(cfg.d_model, (self.n_head + 2 * self.n_kv) * self.hs, bias=cfg.bias)
+        self.o = Linear(self.n_head * self.hs, cfg.d_model, bias=cfg.bias)
 
     def forward(
         self,
@@ -274,8 +282,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         hidden = cfg.ff_dim
-        self.fc = nn.Linear(cfg.d_model, 2 * hidden if self.kind == "swiglu" else hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.d_model, bias=cfg.bias)
+        self.fc = Linear(cfg.d_model, 2 * hidden if self.kind == "swiglu" else hidden, bias=cfg.bias)
+        self.proj = Linear(hidden, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
