@@ -31,7 +31,6 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
                prompts: list[str] | None = None, overrides: list[str] | None = None) -> dict:
     from lmforge import api, tokenizer
     from lmforge.config import load_config, merge, parse_overrides
-    from lmforge.data import sources
     from lmforge.data.prepare import prepare
     from lmforge.data.readers import ReadStats, iter_documents, resolve
     from lmforge.errors import ConfigError
@@ -47,21 +46,19 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
         raise ConfigError(f"quickstart trains a GPT (objective clm) but {preset} is a {cfg.model.family} "
                           f"preset for {cfg.train.objective}; use a gpt preset, or run the BERT steps of "
                           "docs/bert.md")
-    if data not in sources.SOURCES:
-        resolve(data)  # a file, folder or glob must exist before anything is printed or deleted
     tokenizer.check_vocab_size("bpe", vocab_size)
     root = Path(out)
     fresh = not root.exists()
     if not fresh and not (root / "quickstart.txt").exists():
         raise ConfigError(f"{root} exists and was not written by quickstart; pass another --out")
-    _step(1, f"data: {data}")
-    resolve(data)  # fetches a named source now, before the old output goes: a failed download costs nothing
+    resolve(data)  # a missing file fails, and a named source is fetched, before the old output goes
     if not fresh:  # a quickstart dir is always rebuilt from scratch
         shutil.rmtree(root)
     root.mkdir(parents=True)
     (root / "quickstart.txt").write_text("written by `lmforge quickstart`; safe to delete\n")
 
     try:
+        _step(1, f"data: {data}")
         stats = ReadStats()
         docs = sum(1 for _ in iter_documents(data, stats=stats))
         print(f"  {docs} documents, {stats.bytes / 1e6:.1f} MB")
