@@ -172,3 +172,13 @@ def test_linear_with_the_bias_in_onednn_equals_autocast_linear(kernel_state, fro
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert type(layer(x1).grad_fn).__name__ == "ViewBackward0"
         assert layer(x1).grad_fn.next_functions[0][0].name() != "_LinearBiasBackward"
+
+
+def test_the_linear_probe_leaves_the_global_rng_alone():
+    """It runs at the first training forward, after a resume restored the RNG: drawing from it would
+    change every later dropout mask."""
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    assert kernels._probe_linear()
+    assert torch.equal(torch.rand(4), expected)
