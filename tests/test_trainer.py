@@ -184,6 +184,44 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert not (run / "model.safetensors").exists()  # no "final" weights from a diverged run
 
 
+def test_a_stop_inside_a_cycle_that_went_nan_writes_no_checkpoint(tmp_path):
+    """A stop after a NaN micro-batch must not save the poisoned partial cycle as the newest checkpoint
+    (every --resume would put the NaN grads back); it fails as a diverged run, naming the last good one."""
+    cfg = tiny_cfg(tmp_path, max_steps=10, save_every=2, grad_accum=3, keep_last=1)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, GPT(cfg.model), NaNAfter(cfg, bad_call=13), progress=False)  # step 5, micro 1
+    trainer.should_stop = lambda step, micro: step == 4 and micro == 2
+    expected = r"diverged at step 5: loss is nan; last good checkpoint: .*step-000004"
+    with pytest.raises(TrainingError, match=expected):
+        trainer.fit()
+    run = tmp_path / "run"
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-000004"]
+    make_trainer(tiny_cfg(tmp_path, max_steps=6, save_every=2, grad_accum=3, keep_last=1)).fit(resume=True)
+
+
+def test_a_stop_inside_a_cycle_with_inf_grads_writes_no_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=10, save_every=2, grad_accum=3)
+    torch.manual_seed(0)
+    trainer = make_trainer(cfg)
+    real_loss = trainer.objective.loss
+    calls = []
+
+    def inf_grad(model, batch):  # finite loss, infinite gradient in the 2nd micro-batch of step 3
+        calls.append(1)
+        loss_sum, n = real_loss(model, batch)
+        if len(calls) == 8:  # backward adds this micro-batch's gradient to an infinite one
+            w = next(model.parameters())
+            w.grad = torch.full_like(w, float("inf"))
+        return loss_sum, n
+
+    trainer.objective.loss = inf_grad
+    trainer.should_stop = lambda step, micro: step == 2 and micro == 2
+    expected = r"diverged at step 3: grad norm is inf; last good checkpoint: .*step-000002"
+    with pytest.raises(TrainingError, match=expected):
+        trainer.fit()
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "run")] == ["step-000002"]
+
+
 def test_nan_before_any_checkpoint_says_to_start_again(tmp_path):
     cfg = tiny_cfg(tmp_path, max_steps=10, save_every=5)
     trainer = Trainer(cfg, GPT(cfg.model), NaNAfter(cfg, bad_call=2), progress=False)

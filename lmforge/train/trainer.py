@@ -13,9 +13,10 @@ One optimizer step = one accumulation cycle of `grad_accum` micro-batches:
 Around it: bf16 autocast (runtime.autocast), optional torch.compile, eval on the val split every
 `eval_every` steps (loss, perplexity, objective extras such as bits per byte), logging (tqdm bar with
 loss, tokens/s, MFU and ETA; RUN/metrics.jsonl; TensorBoard under RUN/tb; RUN/loss.png at the end) and
-checkpoints (train/checkpoint.py). A stop request (SIGINT, train.max_time, or the `should_stop` hook)
-is honoured after any micro-batch: the checkpoint then holds the partial gradients of the cycle. After
-a SIGINT stop `fit` raises KeyboardInterrupt once the checkpoint is written.
+checkpoints (train/checkpoint.py). A stop request (SIGINT or the `should_stop` hook) is honoured after
+any micro-batch: the checkpoint then holds the partial gradients of the cycle (when they and the partial
+loss are finite; otherwise 3. applies). train.max_time is checked after each optimizer step. After a
+SIGINT stop `fit` raises KeyboardInterrupt once the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ class Trainer:
                         p.grad = grads0[name].to(self.device)
             stop = lambda done: self._stop_requested(start, self.step, done)  # noqa: B023
             loss_acc, total, done = self.accumulate(batches, micro0, loss0, stop)
-            if done < len(batches):
+            if done < len(batches):  # stopped mid-cycle: save the partial cycle, unless it diverged
+                self._check_finite(float(loss_acc) / total)
                 self._save(cycle_start, micro=done, loss_acc=float(loss_acc))
                 stopped = True
                 break
@@ -194,8 +196,7 @@ class Trainer:
         """
         t = self.t
         loss = float(loss_acc) / max(total, 1)
-        if not math.isfinite(loss):
-            raise TrainingError(self._diverged(f"loss is {loss}"))
+        self._check_finite(loss, grads=False)  # the grads: the norm clipping computes anyway
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not math.isfinite(grad_norm):
@@ -205,6 +206,16 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, lr
+
+    def _check_finite(self, loss: float, grads: bool = True) -> None:
+        """TrainingError (the run diverged) on a NaN / inf loss, or on NaN / inf accumulated grads."""
+        if not math.isfinite(loss):
+            raise TrainingError(self._diverged(f"loss is {loss}"))
+        if grads:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
+                                                        if p.grad is not None]))
+            if not math.isfinite(norm):
+                raise TrainingError(self._diverged(f"grad norm is {norm}"))
 
     def accumulate(self, batches: list[dict], start: int = 0, loss_acc: float = 0.0,
                    stop: Callable[[int], bool] | None = None) -> tuple[torch.Tensor, int, int]:
