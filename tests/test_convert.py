@@ -671,6 +671,22 @@ def test_an_imported_model_trains_further_with_init_from(tmp_path, capsys):
     assert not torch.equal(load_model(tmp_path / "trained").tok_emb.weight, before.tok_emb.weight)
 
 
+def test_converted_folders_follow_the_umask(tmp_path):
+    """safetensors' save_file makes 0600 files; an imported run dir and an exported HF folder are
+    readable by whoever the umask allows, like every other file lmforge writes."""
+    make_hf("gpt2", tmp_path / "hf")
+    old = os.umask(0o022)
+    try:
+        assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+        assert main(["convert", "--to-hf", str(tmp_path / "imported"), str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    for folder in ("imported", "out"):
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / folder).iterdir()}
+        assert modes and set(modes.values()) == {0o644}, modes
+        assert (tmp_path / folder).stat().st_mode & 0o777 == 0o755
+
+
 def test_init_from_takes_an_hf_folder_directly(tmp_path, capsys):
     """`pretrain --init-from HF_DIR` converts in memory, as lmforge.load does: with lr 0 the run's
     weights are the HF model's, which then scores like transformers."""

@@ -34,7 +34,7 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.errors import CheckpointError
-from lmforge.io import atomic_dir, atomic_write_json
+from lmforge.io import atomic_dir, atomic_write_json, follow_umask
 from lmforge.models import convert_tokenizer
 from lmforge.models.convert_config import (
     ARCHITECTURES,
@@ -310,6 +310,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> M
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp / "model.safetensors",
                   metadata={"format": "pt"})
+        follow_umask(tmp / "model.safetensors")  # save_file makes it 0600
         atomic_write_json(tmp / "config.json", asdict(cfg))
         if tok is not None:
             tok.save(tmp / "tokenizer.json")
@@ -377,6 +378,7 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
                 gen["eos_token_id"] = stop[0] if len(stop) == 1 else stop
             atomic_write_json(tmp / "generation_config.json", gen)
         save_file(hf_sd, tmp / "model.safetensors", metadata={"format": "pt"})
+        follow_umask(tmp / "model.safetensors")  # save_file makes it 0600
         atomic_write_json(tmp / "config.json", hf_cfg)
     if tok is None:  # the weights are usable; AutoTokenizer fails (Llama) or has no vocabulary (GPT-2, BERT)
         print(f"warning: {run_dir} has no tokenizer.json, so {out_dir} has no tokenizer files and "
