@@ -3,7 +3,7 @@
 The public Python API (text in, text out at this edge; token ids inside):
 
     import lmforge
-    model, tok = lmforge.load("runs/quickstart")          # a run dir (or a converted HF dir)
+    model, tok = lmforge.load("runs/quickstart/run")      # a run dir (or a Hugging Face folder)
     print(lmforge.generate(model, tok, "ROMEO:", max_new_tokens=50))
 """
 

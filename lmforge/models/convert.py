@@ -52,6 +52,7 @@ from lmforge.models.convert_config import (
     supported,
 )
 from lmforge.models.convert_names import (
+    _add_redundant,
     _bert_heads,
     _canonical,
     _drop_redundant,
@@ -198,9 +199,7 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, arch: str | 
             parts = [t]
         for name, p in zip(r.hf, parts):
             out[name] = p.contiguous()
-    if "cls.predictions.bias" in out and not cfg.tie_embeddings:  # HF 5 adds decoder.bias (_drop_redundant)
-        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"].clone()
-    return _hf_prefix(out, arch)
+    return _hf_prefix(_add_redundant(out, cfg), arch)
 
 
 def _our_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:

@@ -169,3 +169,11 @@ def _drop_redundant(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     if "cls.predictions.decoder.bias" in sd:
         sd["cls.predictions.bias"] = sd.pop("cls.predictions.decoder.bias")
     return sd
+
+
+def _add_redundant(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The export side of `_drop_redundant`: an untied MLM head also gets cls.predictions.decoder.bias
+    (the one transformers 5's forward adds), a copy of cls.predictions.bias. Unprefixed HF names."""
+    if "cls.predictions.bias" in hf_sd and not cfg.tie_embeddings:
+        hf_sd["cls.predictions.decoder.bias"] = hf_sd["cls.predictions.bias"].clone()
+    return hf_sd

@@ -3,11 +3,11 @@
     lmforge eval runs/quickstart/run --data runs/quickstart/shards      # the whole val split, once
     lmforge eval runs/hf-gpt2 --data data/gpt2-shards --split train --max-batches 50 --json
 
-The score is the model family's pretraining objective (clm for a gpt, mlm for a bert; --objective
-picks another) computed by `evaluate` below, the same function the Trainer calls every
-`train.eval_every` steps, so a run's logged val_loss and `lmforge eval` agree given the same batches
-(`--batch-size` and `--max-batches` = the run's batch_size and eval_steps, `--dtype` its dtype; the
-MLM settings, train.mlm_prob and co., come from the run dir's run.yaml).
+The score is the model family's pretraining objective (clm for a gpt, a bert's own heads: mlm,nsp
+with an NSP head, else mlm; --objective picks another) computed by `evaluate` below, the same
+function the Trainer calls every `train.eval_every` steps, so a run's logged val_loss and `lmforge eval`
+agree given the same batches (`--batch-size` and `--max-batches` = the run's batch_size and eval_steps,
+`--dtype` its dtype; the MLM settings, train.mlm_prob and co., come from the run dir's run.yaml).
 The shards must have been prepared with the model's own tokenizer; meta.json's hash says so.
 """
 
