@@ -74,7 +74,10 @@ def sample_next(
     """logits (B, V) -> next token ids (B,). temperature 0 means greedy."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
-    logits = logits / temperature
+    scaled = logits / temperature
+    if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first (softmax is the same)
+        scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
+    logits = scaled
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:
@@ -88,7 +91,7 @@ def sample_next(
 
 
 def _check(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-           repetition_penalty: float, flags: bool = False) -> None:
+           repetition_penalty: float, seed: int | None = None, flags: bool = False) -> None:
     """One-line ConfigErrors for bad decoding settings; flags=True names them as the CLI spells them."""
     def name(key: str) -> str:
         return "--" + key.replace("_", "-") if flags else key
@@ -104,6 +107,8 @@ def _check(max_new_tokens: int, temperature: float, top_k: int | None, top_p: fl
         raise ConfigError(f"{name('top_p')} must be in (0, 1], got {top_p}")
     if not repetition_penalty > 0:
         raise ConfigError(f"{name('repetition_penalty')} must be > 0 (1 = off), got {repetition_penalty}")
+    if seed is not None and not -(2**63) <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ConfigError(f"{name('seed')} must fit in 64 bits (0 .. 2**64 - 1), got {seed}")
 
 
 @torch.inference_mode()
@@ -133,7 +138,7 @@ def generate(
     vocab_size: only ids below it are produced (pass the tokenizer's size when the model's embedding
     table is larger, e.g. padded to a multiple of 64: the extra rows decode to nothing).
     """
-    _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    _check(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     if vocab_size is not None and vocab_size < 1:
         raise ConfigError(f"vocab_size must be >= 1, got {vocab_size}")
     ends = set() if eos_id is None else set(torch.as_tensor(eos_id).flatten().tolist())  # int, list, array
@@ -306,7 +311,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lmforge.runtime import pick_device
 
     _check(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
-           flags=True)  # before loading the model: a typo costs nothing
+           args.seed, flags=True)  # before loading the model: a typo costs nothing
     device = pick_device(args.device, flag="--device")
     model, tok = load(args.run_dir, device=device, dtype=args.dtype, pack=device.type == "cpu",
                       need_tokenizer=True)
@@ -317,6 +322,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if len(ids) > model.cfg.max_seq_len:
         raise ConfigError(f"the prompt is {len(ids)} tokens but the model's context is "
                           f"{model.cfg.max_seq_len}; shorten the prompt")
+    if len(ids) == model.cfg.max_seq_len:
+        print(f"note: the prompt fills the model's context ({len(ids)} tokens): no room for new tokens; "
+              "shorten the prompt", file=sys.stderr)
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)

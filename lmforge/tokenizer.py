@@ -30,7 +30,7 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from lmforge.errors import CheckpointError, ConfigError
+from lmforge.errors import CheckpointError, ConfigError, DataError
 from lmforge.io import atomic_write_text
 
 TYPES = ("bpe", "wordpiece", "unigram")
@@ -48,6 +48,19 @@ _ROLES = {
     "sep": ("[SEP]",),
     "mask": ("[MASK]", "<mask>"),
 }
+
+
+def _refuse_undecodable(texts: Iterable[str]) -> None:
+    """DataError for text holding bytes that are not UTF-8: Python keeps them as lone surrogates (e.g. a
+    command-line argument in another encoding), which `tokenizers` cannot take."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+            what = f"byte 0x{byte:02x}" if byte is not None else repr(text[e.start])
+            raise DataError(f"the text is not valid UTF-8 ({what} at character {e.start}): pass UTF-8 "
+                            "text (e.g. convert it with iconv -t UTF-8)") from None
 
 
 class Tokenizer:
@@ -95,10 +108,18 @@ class Tokenizer:
 
     # -- encode / decode -------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.inner.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.inner.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            _refuse_undecodable([text])
+            raise
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        return [e.ids for e in self.inner.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        try:
+            return [e.ids for e in self.inner.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        except TypeError:
+            _refuse_undecodable(texts)
+            raise
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self.inner.decode(list(ids), skip_special_tokens=skip_special_tokens)

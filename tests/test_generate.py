@@ -110,6 +110,8 @@ def test_temperature_sharpens():
     cold = sum(sum(r) for r in generate(m, [[0]] * 50, max_new_tokens=10, temperature=0.1, seed=0))
     hot = sum(sum(r) for r in generate(m, [[0]] * 50, max_new_tokens=10, temperature=10.0, seed=0))
     assert cold > 495 and 200 < hot < 320  # p(1) = 1/(1+e^-10) vs 1/(1+e^-0.1) = 0.525
+    # a temperature so small that logits / temperature overflows is the greedy limit, not a crash
+    assert generate(m, [[0]] * 3, max_new_tokens=4, temperature=1e-45, seed=0) == [[1] * 4] * 3
 
 
 def test_eos_stop_and_streaming():
@@ -303,6 +305,13 @@ def test_cli_and_api(tmp_path, capsys):
     assert main(["generate", str(run), "the cat " * 40, "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert "the prompt is" in err and "context is 48" in err
+    assert main(["generate", str(run), "the \udcff cat", "--max-new-tokens", "2"]) == 2  # non-UTF-8 argv
+    err = capsys.readouterr().err
+    assert err.startswith("error: the text is not valid UTF-8 (byte 0xff") and err.count("\n") == 1, err
+    full = next(p for p in (" ".join(["the"] * k) for k in range(40, 60)) if len(tok2.encode_prompt(p)) == 48)
+    assert main(["generate", str(run), full, "--max-new-tokens", "3"]) == 0  # nothing to add: says so
+    captured = capsys.readouterr()
+    assert captured.out == "\n" and "note: the prompt fills the model's context (48 tokens)" in captured.err
     # bad decoding flags: one line naming the flag, checked before the model is loaded
     for flag, value, message in [("--max-new-tokens", "-1", "--max-new-tokens must be >= 1, got -1"),
                                  ("--max-new-tokens", "0", "--max-new-tokens must be >= 1, got 0"),
@@ -312,7 +321,8 @@ def test_cli_and_api(tmp_path, capsys):
                                  ("--temperature", "-1", "--temperature must be >= 0 (0 = greedy), got -1.0"),
                                  ("--temperature", "nan", "--temperature must be >= 0 (0 = greedy), got nan"),
                                  ("--repetition-penalty", "0", "--repetition-penalty must be > 0"),
-                                 ("--repetition-penalty", "nan", "--repetition-penalty must be > 0")]:
+                                 ("--repetition-penalty", "nan", "--repetition-penalty must be > 0"),
+                                 ("--seed", str(2**64), "--seed must fit in 64 bits")]:
         assert main(["generate", str(tmp_path / "nowhere"), "the cat", flag, value]) == 2
         captured = capsys.readouterr()
         assert captured.err.startswith(f"error: {message}") and captured.err.count("\n") == 1, captured.err

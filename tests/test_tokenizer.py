@@ -128,6 +128,19 @@ def test_not_a_tokenizer_is_a_one_line_error(tmp_path, capsys):
         train("bpe", ["abc"], vocab_size=100)
 
 
+def test_text_that_is_not_utf8_is_a_one_line_error(toks):
+    """A command-line argument in another encoding reaches Python as lone surrogates ('\udcff' for the
+    byte 0xff), which `tokenizers` refuses with a TypeError."""
+    from lmforge.errors import DataError
+
+    for tok, _ in toks.values():
+        with pytest.raises(DataError, match=r"not valid UTF-8 \(byte 0xff at character 2\)"):
+            tok.encode("ab\udcffc")
+        with pytest.raises(DataError, match="not valid UTF-8"):
+            tok.encode_batch(["fine", "ab\udcff"])
+        assert tok.encode("ab") == tok.encode_batch(["ab"])[0]
+
+
 def test_stats_per_language(toks):
     tok, _ = toks["bpe"]
     docs = ["the cat sat on the mat", "今天天气很好", "another English line here"]
