@@ -69,7 +69,9 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
-        if self.kv_heads < 1 or self.n_head % self.kv_heads:
+        if self.n_kv_head is not None and self.n_kv_head < 1:
+            raise ConfigError(f"model.n_kv_head must be >= 1 (or null: model.n_head), got {self.n_kv_head}")
+        if self.n_head % self.kv_heads:
             raise ConfigError(
                 f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}"
             )
@@ -104,6 +106,10 @@ class DataConfig:
     shards: str = ""  # folder with train/ val/ shards and meta.json
     tokenizer: str = ""  # tokenizer.json; default: the one `prepare` recorded in meta.json
     seq_len: int | None = None  # training window length; None = model.max_seq_len
+
+    def __post_init__(self) -> None:
+        if self.seq_len is not None and self.seq_len < 1:
+            raise ConfigError(f"data.seq_len must be >= 1 (or null: model.max_seq_len), got {self.seq_len}")
 
 
 @dataclass
@@ -154,8 +160,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("seed", "lr", "min_lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every",
                      "keep_last"):
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # NaN fails too
+                need = "finite" if value == math.inf else ">= 0"
+                raise ConfigError(f"train.{name} must be {need}, got {value}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -338,10 +346,14 @@ def _is_text(tp: Any) -> bool:
                          and [a for a in typing.get_args(tp) if a is not type(None)] == [str])
 
 
-def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """`over` on top of `base`, section by section; a section that is not a mapping is an error."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(v, dict) and out.get(k) is not None and not isinstance(out[k], dict):
+            raise ConfigError(f"{where}{k} must be a mapping of keys, got {out[k]!r}; fix the YAML file")
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = merge(out[k], v, f"{where}{k}.") if both else v
     return out
 
 

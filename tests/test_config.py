@@ -66,12 +66,25 @@ def test_text_fields_keep_overrides_as_typed():
         (["--train.lr=nan"], "train.lr must be >= 0, got nan"),
         (["--train.max_time=nan"], "train.max_time must be >= 0 seconds"),
         (["--train.max_time=inf"], "train.max_time must be >= 0 seconds"),
+        (["--train.lr=inf"], "train.lr must be finite, got inf"),
+        (["--data.seq_len=0"], "data.seq_len must be >= 1 (or null: model.max_seq_len), got 0"),
+        (["--data.seq_len=-5"], "data.seq_len must be >= 1"),
+        (["--model.n_kv_head=0"], "model.n_kv_head must be >= 1 (or null: model.n_head), got 0"),
     ],
 )
 def test_bad_overrides_name_the_key(args, needle):
     with pytest.raises(ConfigError, match=None) as e:
         load_config("gpt-tiny", args)
     assert needle in str(e.value)
+
+
+def test_a_yaml_section_that_is_not_a_mapping_is_refused_even_with_overrides(tmp_path):
+    (tmp_path / "bad.yaml").write_text("model: 5\ntrain: {max_steps: 3}\n")
+    for over in ([], ["--model.n_layer=2"]):
+        with pytest.raises(ConfigError, match="model"):
+            load_config(str(tmp_path / "bad.yaml"), over)
+    with pytest.raises(ConfigError, match="model must be a mapping of keys, got 5"):
+        load_config(str(tmp_path / "bad.yaml"), ["--model.n_layer=2"])
 
 
 def test_unknown_preset_lists_choices():
