@@ -122,6 +122,8 @@ def _rewrite_tensors(run: Path, fn) -> None:
     ("missing", "lacks tensor 'ln_f.bias'"),
     ("unexpected", "unexpected tensor 'extra.weight'"),
     ("shape", "tensor 'pos_emb.weight' has shape"),
+    ("huge_config", r"describes a model of at least [\d,]+ weights but .* holds"),  # no allocating
+    ("huge_rope", "describes a model that cannot be built here"),
 ])
 def test_store_errors(tmp_path, case, match):
     run = _saved(tmp_path)
@@ -144,6 +146,10 @@ def test_store_errors(tmp_path, case, match):
         _rewrite_tensors(run, lambda t: t.__setitem__("extra.weight", torch.zeros(2)))
     elif case == "shape":
         _rewrite_tensors(run, lambda t: t.__setitem__("pos_emb.weight", torch.zeros(16, 32)))
+    elif case in ("huge_config", "huge_rope"):  # an edited config.json: 1e9 layers / RoPE tables of 1e15 rows
+        cfg = json.loads((run / "config.json").read_text())
+        cfg.update(n_layer=10**9) if case == "huge_config" else cfg.update(pos="rope", max_seq_len=10**15)
+        (run / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=match):
         load_model(run)
 

@@ -95,6 +95,15 @@ def load_config_json(run_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {e}") from None
 
 
+def check_size(cfg, n_weights: int, wpath: str | Path) -> None:
+    """Refuse, before building anything, a config that needs more weights than the file holds (an edited
+    or mismatched config.json with, say, a million layers would otherwise allocate them first)."""
+    least = cfg.n_layer * 2 * cfg.d_model**2 + cfg.vocab_size * cfg.d_model  # attention q + o, embedding
+    if least > n_weights:
+        raise CheckpointError(f"config.json describes a model of at least {least:,} weights but {wpath} "
+                              f"holds {n_weights:,}; the weights do not match config.json")
+
+
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
                dtype: str | torch.dtype | None = None) -> nn.Module:
     """Build the model that run_dir/config.json describes and fill it from model.safetensors.
@@ -121,7 +130,12 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu",
         raise CheckpointError(
             f"{wpath} is not a readable safetensors file ({e}); it may be truncated"
         ) from None
-    model = build_model(cfg)
+    check_size(cfg, sum(t.numel() for t in tensors.values()), wpath)
+    try:
+        model = build_model(cfg)
+    except (RuntimeError, MemoryError) as e:  # e.g. a max_seq_len whose RoPE tables cannot be allocated
+        raise CheckpointError(f"{run_dir / CONFIG_FILE} describes a model that cannot be built here "
+                              f"({str(e).splitlines()[0][:120]}); check config.json") from None
     expected = unique_state_dict(model)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
