@@ -163,12 +163,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--min-frequency must be >= 0 (the fewest times a merge must occur), "
                           f"got {args.min_frequency}")
     out = _out_file(args.out, args.overwrite)  # before training: a refusal costs nothing
+    from lmforge.data.readers import ReadStats
+
+    read = ReadStats()
     tok = train(
-        args.type, _documents(args.data, args.text_field), args.vocab_size, lowercase=not args.cased,
+        args.type, _documents(args.data, args.text_field, read), args.vocab_size, lowercase=not args.cased,
         extra_ids=args.extra_ids, min_frequency=args.min_frequency, show_progress=sys.stderr.isatty(),
     )
     path = tok.save(out)
     print(f"wrote {path}: {tok.kind}, vocab size {tok.vocab_size:,}, {time.time() - t0:.1f}s")
+    if read.replaced_bytes:
+        print(f"note: {read.replaced_bytes:,} input byte(s) were not valid UTF-8 and became U+FFFD; "
+              "convert the files to UTF-8 (e.g. iconv -t UTF-8) for their characters to count",
+              file=sys.stderr)
+    if tok.vocab_size < args.vocab_size:
+        print(f"note: the data gave {tok.vocab_size:,} tokens, fewer than --vocab-size {args.vocab_size:,}; "
+              "more (or more varied) text would fill the rest", file=sys.stderr)
     return 0
 
 
