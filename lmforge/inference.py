@@ -128,6 +128,7 @@ def read_texts(path: str | Path, text_field: str | None = None) -> list[str]:
     lmforge.data.readers, as `--data` is (field `text_field`, default text, or the only text column
     of a CSV / Parquet); any other file is UTF-8 text (.gz decompressed), one text per line. Empty
     texts are skipped; text that is not UTF-8 is an error, never U+FFFD embedded."""
+    from lmforge.data import readers
     from lmforge.data.readers import RECORD_EXTS, ReadStats, file_kind, iter_documents
 
     path = Path(path)
@@ -145,8 +146,11 @@ def read_texts(path: str | Path, text_field: str | None = None) -> list[str]:
         return texts
     if text_field is not None:
         raise ConfigError(f"--text-field is for {records}; {path} is read as text, one text per line")
-    with gzip.open(path) if path.suffix.lower() == ".gz" else open(path, "rb") as f:
-        data = f.read()
+    try:
+        with gzip.open(path) if path.suffix.lower() == ".gz" else open(path, "rb") as f:
+            data = f.read()
+    except readers.GZIP_ERRORS as e:
+        raise readers.gzip_error(path, e) from None
     try:
         lines = data.decode("utf-8").removeprefix("\ufeff").splitlines()
     except UnicodeDecodeError as e:

@@ -11,7 +11,7 @@ from lmforge.data.loader import TokenStream, TokenWindows
 from lmforge.errors import CheckpointError, ConfigError, DataError
 
 
-def write_shards(root, stream, cuts, dtype="uint16", split="train"):
+def write_shards(root, stream, cuts, dtype="uint16", split="train", vocab_size=60000):
     """A hand-made shard folder: `stream` cut into files at `cuts`, meta.json as prepare writes it."""
     (root / split).mkdir(parents=True)
     names = []
@@ -19,7 +19,7 @@ def write_shards(root, stream, cuts, dtype="uint16", split="train"):
         name = f"{split}/shard-{i:05d}.bin"
         part.astype(np.dtype(dtype).newbyteorder("<")).tofile(root / name)
         names.append(name)
-    meta = {"version": 1, "dtype": dtype, "vocab_size": 60000,
+    meta = {"version": 1, "dtype": dtype, "vocab_size": vocab_size,
             "splits": {split: {"tokens": len(stream), "documents": 1, "shards": names}}}
     (root / "meta.json").write_text(json.dumps(meta))
     return root
@@ -105,7 +105,7 @@ def test_no_shuffle_gives_first_windows_in_order(shards):
 
 def test_uint32_shards(tmp_path):
     stream = np.arange(70000, 70000 + 65, dtype=np.uint32)
-    write_shards(tmp_path, stream, [30], dtype="uint32")
+    write_shards(tmp_path, stream, [30], dtype="uint32", vocab_size=70065)
     x = next(TokenWindows(tmp_path, "train", 8, 2, seed=0, shuffle=False))
     assert x[0].tolist() == list(range(70000, 70009))
 
@@ -129,8 +129,36 @@ def test_errors(shards, tmp_path):
         TokenWindows(root, "train", 10, 1, seed=0)
     for bad in ("{oops", "[]", '{"splits": {}}'):  # not JSON; not an object; no dtype
         (root / "meta.json").write_text(bad)
-        with pytest.raises(CheckpointError, match="meta.json is corrupt; re-run `lmforge prepare`"):
+        with pytest.raises(CheckpointError, match=r"meta.json is corrupt \(.*\); re-run `lmforge prepare`"):
             TokenWindows(root, "train", 10, 1, seed=0)
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"dtype": "bogus"}, "dtype 'bogus' is not uint16 or uint32"),
+    ({"vocab_size": "big"}, "vocab_size 'big' is not a positive integer"),
+    ({"splits": {"train": {"tokens": 1001, "documents": 1}}}, "splits.train.shards is not a list"),
+    ({"splits": {"train": {"tokens": "many", "shards": []}}}, "splits.train.tokens is not a count"),
+    ({"splits": ["train"]}, "no splits object"),
+    ({"separator_id": "eos"}, "separator_id 'eos' is not a token id"),
+])
+def test_malformed_meta_fields_are_one_line_errors(shards, change, why):
+    root, _ = shards
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, **change}))
+    with pytest.raises(CheckpointError, match=f"meta.json is corrupt \\({why}.*\\); re-run `lmforge prep"):
+        TokenWindows(root, "train", 10, 1, seed=0)
+
+
+def test_token_id_beyond_the_vocabulary_is_a_data_error(tmp_path):
+    stream = np.arange(101) % 50
+    stream[77] = 65535  # a corrupt shard: an id the tokenizer does not have
+    write_shards(tmp_path, stream, [40], vocab_size=50)
+    w = TokenWindows(tmp_path, "train", 10, 2, seed=0, shuffle=False)
+    for _ in range(3):
+        next(w)  # windows 0..5 hold ids < 50
+    with pytest.raises(DataError, match=r"train: token id 65535 >= the tokenizer's vocab size 50: the shards "
+                                        r"are corrupt; re-run `lmforge prepare`"):
+        next(w)
 
 
 def test_epochs_ends_the_stream_with_each_window_once(shards):
@@ -148,3 +176,35 @@ def test_epochs_ends_the_stream_with_each_window_once(shards):
         TokenWindows(root, "train", seq_len=T, batch_size=7, seed=0, epochs=0)
     # the second pass runs on across the batch edge
     assert torch.cat(list(itertools.islice(two, 100))).tolist() == rows + rows
+
+
+@pytest.mark.parametrize("bad, why", [
+    (b"garbage, not numpy", r"unreadable: ValueError"),
+    (np.array([0, "x"], dtype=object), r"unreadable: ValueError"),  # pickled: never loaded
+    (np.array([0.0, 5.0]), r"not a 1-D integer array"),
+    (np.array([0, 900, 5]), r"offsets not sorted in \[0, 1001\]"),
+])
+def test_corrupt_docs_npy_is_a_data_error(shards, bad, why):
+    from lmforge.objectives.nsp import SplitDocuments
+
+    root, _ = shards
+    docs = root / "train" / "docs.npy"
+    np.save(docs, np.array([0, 500]))
+    assert len(SplitDocuments(root, "train", set(), 64)) == 2
+    if isinstance(bad, bytes):
+        docs.write_bytes(bad)
+    else:
+        np.save(docs, bad, allow_pickle=True)
+    with pytest.raises(DataError, match=f"docs.npy is corrupt \\({why}\\); re-run `lmforge prepare`"):
+        SplitDocuments(root, "train", set(), 64)
+
+
+def test_nsp_documents_check_token_ids_too(tmp_path):
+    from lmforge.objectives.nsp import SplitDocuments
+
+    write_shards(tmp_path, [1, 2, 0, 3, 65535, 0], [], vocab_size=50)
+    np.save(tmp_path / "train" / "docs.npy", np.array([0, 3]))
+    docs = SplitDocuments(tmp_path, "train", set(), 64)
+    assert docs.tokens(0) == [1, 2, 0]
+    with pytest.raises(DataError, match="token id 65535 >= the tokenizer's vocab size 50"):
+        docs.tokens(1)

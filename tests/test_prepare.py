@@ -279,3 +279,29 @@ def test_shards_and_runs_kept_inside_the_data_folder_are_not_read_as_data(bpe, c
     (data / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
     again = prepare([str(data)], bpe, data / "shards", val_fraction=0.1, progress=False)
     assert again["splits"] == first["splits"] and first["splits"]["train"]["documents"] == 18
+
+
+def test_out_is_replaced_only_when_it_holds_nothing_but_shards(bpe, corpus, tmp_path, capsys):
+    proj = tmp_path / "proj"  # a user's folder that merely has a meta.json
+    (proj / "src").mkdir(parents=True)
+    (proj / "meta.json").write_text("{}")
+    (proj / "notes.txt").write_text("important")
+    data = tmp_path / "docs.txt"
+    data.write_text("one doc")
+    assert main(["prepare", "--data", str(data), "--tokenizer", str(bpe), "--out", str(proj)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {proj} exists and is not a shard folder (it holds notes.txt); choose an empty " \
+                  "or new --out\n"
+    assert (proj / "notes.txt").read_text() == "important" and (proj / "src").is_dir()
+    (proj / "notes.txt").unlink()
+    (proj / "src").rmdir()
+    with pytest.raises(DataError, match=r"\(its meta.json is missing or not one lmforge wrote\)"):
+        prepare([], bpe, proj, documents=corpus[:5], progress=False)
+
+    shards = tmp_path / "shards"  # a real shard folder is replaced on a re-run ...
+    first = prepare([], bpe, shards, documents=corpus[:5], progress=False)
+    assert prepare([], bpe, shards, documents=corpus[:5], progress=False) == first
+    (shards / "train" / "mine.txt").write_text("kept")  # ... but not once the user added a file to it
+    with pytest.raises(DataError, match=r"is not a shard folder \(it holds train/mine.txt\)"):
+        prepare([], bpe, shards, documents=corpus[:5], progress=False)
+    assert (shards / "train" / "mine.txt").read_text() == "kept"

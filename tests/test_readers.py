@@ -198,7 +198,7 @@ def test_named_source_reads_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path))
     entry = tmp_path / "sources" / "shakespeare"
     write(entry / "docs.jsonl", '{"text": "cached play", "title": "x"}\n')
-    write(entry / "info.json", "{}")  # the completion mark: no fetch happens
+    write(entry / "info.json", '{"size_mb": 0.0, "docs": 1, "license": "PD"}')  # the mark: no fetch happens
     monkeypatch.setattr(sources, "download", lambda *a: pytest.fail("should not download"))
     assert read("shakespeare")[0] == ["cached play"]
 
@@ -248,3 +248,42 @@ def test_errors(tmp_path, make, spec, message):
     with pytest.raises(DataError, match=message) as err:
         read(str(tmp_path / spec))
     assert "\n" not in str(err.value)
+
+
+def _gz_lines(n: int) -> bytes:
+    """n JSON lines of random (incompressible) text, gzipped: a cut anywhere lands mid-stream."""
+    import random
+
+    rng = random.Random(0)
+    return gzip.compress("".join(json.dumps({"text": "".join(rng.choices("abcdefghij ", k=400))}) + "\n"
+                                 for _ in range(n)).encode())
+
+
+BAD_GZ = {
+    "notgz.txt.gz": b"plain text\n",  # not gzip at all
+    "notgz.jsonl.gz": b'{"text": "a"}\n',
+    "notgz.csv.gz": b"text\na\n",
+    "trunc.jsonl.gz": gzip.compress(b'{"text": "a"}\n')[:20],  # cut short
+    "crc.txt.gz": gzip.compress(b"some text\n")[:-8] + b"\0" * 8,  # corrupt inside (bad CRC)
+}
+
+
+@pytest.mark.parametrize("name", BAD_GZ)
+def test_bad_gzip_is_a_one_line_error(tmp_path, name):
+    from lmforge.inference import read_texts
+
+    path = write(tmp_path / name, BAD_GZ[name])
+    with pytest.raises(DataError, match=r"not a valid gzip file \(.+\); re-download it or gunzip it") as err:
+        read(str(path))
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+    with pytest.raises(DataError, match="not a valid gzip file"):
+        read_texts(path)  # `lmforge embed --input`
+
+
+def test_gzip_cut_short_fails_while_streaming(tmp_path):
+    data = _gz_lines(2000)
+    path = write(tmp_path / "big.jsonl.gz", data[: len(data) // 2])
+    docs = iter_documents(str(path))
+    assert len(next(docs)) == 400  # the first documents come out before the damage is reached
+    with pytest.raises(DataError, match=r"big.jsonl.gz: not a valid gzip file \(Compressed file ended"):
+        list(docs)

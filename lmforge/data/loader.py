@@ -47,7 +47,7 @@ class TokenStream:
         if split not in meta.get("splits", {}):
             raise ConfigError(f"{root} has no split {split!r}; it has: {', '.join(meta.get('splits', {}))}")
         info = meta["splits"][split]
-        self.meta = meta
+        self.meta, self.where = meta, f"{root}/{split}"
         self.dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         self.maps = []
         for name in info["shards"]:
@@ -83,6 +83,14 @@ class TokenStream:
         if len(parts) == 1:
             return np.array(parts[0])
         return np.concatenate(parts) if parts else np.zeros(0, dtype=self.dtype)
+
+    def check_ids(self, ids: np.ndarray) -> None:
+        """DataError when `ids` (any shape, read from this stream) hold an id outside the vocabulary:
+        corrupt shards would otherwise fail deep in the model's embedding. One max: cheap per batch."""
+        top = int(ids.max()) if ids.size else 0
+        if top >= self.meta["vocab_size"]:
+            raise DataError(f"{self.where}: token id {top} >= the tokenizer's vocab size "
+                            f"{self.meta['vocab_size']}: the shards are corrupt; re-run `lmforge prepare`")
 
 
 class TokenWindows:
@@ -150,7 +158,9 @@ class TokenWindows:
             self.position += 1
         if not rows:
             raise StopIteration
-        return torch.from_numpy(np.stack(rows))  # (B, T + 1), B < batch_size only at the end of `epochs`
+        batch = np.stack(rows)  # (B, T + 1), B < batch_size only at the end of `epochs`
+        self.stream.check_ids(batch)
+        return torch.from_numpy(batch)
 
     def setup(self) -> dict:
         """What shapes the order: a position is only meaningful in a stream with the same setup."""

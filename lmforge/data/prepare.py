@@ -27,6 +27,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -41,6 +42,7 @@ from lmforge.io import atomic_dir, atomic_write_json
 from lmforge.tokenizer import Tokenizer
 
 VERSION = 1
+SHARD_NAME = re.compile(r"shard-\d{5,}\.bin")  # SplitWriter's file names, inside train/ and val/
 BATCH_CHARS = 1 << 20  # documents are sent to workers in batches of about this many characters
 
 # ---------------------------------------------------------------------------------------------
@@ -198,8 +200,8 @@ def prepare(
     tok = Tokenizer.load(tokenizer)
     dtype = _pick_dtype(dtype, tok.vocab_size)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "meta.json").exists())):
-        raise DataError(f"{out} exists and is not a shard folder; choose an empty or new --out")
+    if why := _not_replaceable(out):
+        raise DataError(f"{out} exists and is not a shard folder ({why}); choose an empty or new --out")
 
     read_stats = None
     if documents is None:
@@ -283,6 +285,30 @@ def prepare(
     return meta
 
 
+def _not_replaceable(out: Path) -> str:
+    """Why `--out` must not be replaced, or '' when it is new, empty, or a shard folder holding only
+    what prepare writes (a valid meta.json, tokenizer.json, train/ and val/ of shards and docs.npy)."""
+    if not out.exists():
+        return ""
+    if not out.is_dir():
+        return "it is a file"
+    if not any(out.iterdir()):
+        return ""
+    for entry in sorted(out.iterdir()):
+        if entry.name in ("meta.json", "tokenizer.json") and entry.is_file():
+            continue
+        if entry.name not in ("train", "val") or not entry.is_dir():
+            return f"it holds {entry.name}"
+        for f in sorted(entry.iterdir()):
+            if not (f.is_file() and (f.name == "docs.npy" or SHARD_NAME.fullmatch(f.name))):
+                return f"it holds {entry.name}/{f.name}"
+    try:
+        load_meta(out)
+    except CheckpointError:
+        return "its meta.json is missing or not one lmforge wrote"
+    return ""
+
+
 def _chain(*its: Iterable) -> Iterator:
     for it in its:
         yield from it
@@ -344,11 +370,39 @@ def load_meta(shard_dir: str | Path) -> dict:
         raise CheckpointError(f"{shard_dir} has no meta.json; run `lmforge prepare` to (re)create it")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        meta = None
-    if not isinstance(meta, dict) or not isinstance(meta.get("splits"), dict) or "dtype" not in meta:
-        raise CheckpointError(f"{path} is corrupt; re-run `lmforge prepare`")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt (not JSON: {e.__class__.__name__}); "
+                              "re-run `lmforge prepare`") from None
+    if why := _meta_problem(meta):
+        raise CheckpointError(f"{path} is corrupt ({why}); re-run `lmforge prepare`")
     return meta
+
+
+def _count(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _meta_problem(meta) -> str:
+    """What is wrong with a parsed meta.json in the fields the readers use, or ''."""
+    if not isinstance(meta, dict):
+        return f"a JSON {type(meta).__name__}, not an object"
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype {meta.get('dtype')!r} is not uint16 or uint32"
+    if not _count(meta.get("vocab_size"), 1):
+        return f"vocab_size {meta.get('vocab_size')!r} is not a positive integer"
+    if not isinstance(meta.get("tokenizer_hash", ""), str):
+        return "tokenizer_hash is not a string"
+    if meta.get("separator_id") is not None and not _count(meta["separator_id"]):
+        return f"separator_id {meta['separator_id']!r} is not a token id"
+    if not isinstance(meta.get("splits"), dict):
+        return "no splits object"
+    for split, info in meta["splits"].items():
+        if not isinstance(info, dict) or not _count(info.get("tokens")):
+            return f"splits.{split}.tokens is not a count"
+        shards = info.get("shards")
+        if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):
+            return f"splits.{split}.shards is not a list of file names"
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------

