@@ -203,6 +203,8 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else None
     if out is not None and out.suffix not in (".npy", ".jsonl"):
         raise ConfigError(f"--output {out} must end in .npy or .jsonl")
+    if out is not None and out.is_dir():  # before the work, and named as given (not the temp file)
+        raise ConfigError(f"--output {out} is a folder; give a file path ending in .npy or .jsonl")
     texts = read_texts(args.input, args.text_field)
     model, tok = load_encoder(args.run, args.device)
     vecs = embed(model, tok, texts, args.pooling, args.normalize, args.batch_size)

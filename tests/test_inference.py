@@ -126,6 +126,11 @@ def test_cli_embed_npy_and_jsonl(runs, tok, tmp_path, capsys):
     capsys.readouterr()
     assert main(["embed", str(runs / "none"), "--input", str(tmp_path / "missing.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "d.npy").mkdir()  # a folder where the output file should go: named as given
+    assert main(["embed", str(runs / "none"), "--input", str(jl), "--text-field", "body",
+                 "--output", str(tmp_path / "d.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {tmp_path / 'd.npy'} is a folder") and err.count("\n") == 1, err
 
 
 def test_a_gpt_run_is_refused(tok, tmp_path, capsys):
