@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,53 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(final.parent)
+
+
+@contextmanager
+def replacing(path: str | Path, keep_failed: Callable[[], bool] = lambda: False) -> Iterator[None]:
+    """Rebuild the folder `path` in place, with the old one kept until the new one is complete.
+
+    A non-empty `path` is first renamed aside to `.NAME.old-PID`; on success that copy is deleted. On any
+    error (Ctrl-C too) what the body made is removed and `path` is back as it was (the old folder, an
+    empty one, or none), unless `keep_failed()` says what it made is worth keeping: then the old folder
+    goes, as on success.
+    """
+    from lmforge.errors import ConfigError
+
+    path = Path(os.path.abspath(path))
+    existed = path.exists()
+    moved = existed and not (path.is_dir() and not any(path.iterdir()))  # an empty folder just stays
+    here = Path.cwd()
+    if moved and (here == path.resolve() or path.resolve() in here.parents):  # we would work in the old one
+        raise ConfigError(f"{path} holds the current folder, so it cannot be replaced; run from outside it")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if moved:
+        _remove(old)  # left by a killed process that had our pid
+        os.replace(path, old)
+    try:
+        yield
+    except BaseException:
+        if keep_failed():
+            if moved:
+                _remove(old)
+            raise
+        if existed and not moved:
+            for p in path.iterdir() if path.is_dir() else ():
+                _remove(p)
+        else:
+            _remove(path)
+        if moved:
+            os.replace(old, path)
+        raise
+    if moved:
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,12 +28,12 @@ FALLBACK_PROMPTS = ["The ", "It was ", "\n"]
 def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: str = "gpt-small",
                vocab_size: int = 8192, steps: int | None = None, max_time: float = 480.0,
                prompts: list[str] | None = None, overrides: list[str] | None = None) -> dict:
-    from lmforge import api, tokenizer
+    from lmforge import tokenizer
     from lmforge.config import load_config, merge, parse_overrides
-    from lmforge.data.prepare import prepare
-    from lmforge.data.readers import ReadStats, iter_documents, resolve
+    from lmforge.data.readers import resolve
     from lmforge.errors import ConfigError
-    from lmforge.train.pretrain import pretrain
+    from lmforge.io import replacing
+    from lmforge.train.checkpoint import list_checkpoints
 
     t0 = time.time()
     if steps is not None and steps < 1:
@@ -51,27 +50,35 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
     fresh = not root.exists()
     if not fresh and not (root / "quickstart.txt").exists():
         raise ConfigError(f"{root} exists and was not written by quickstart; pass another --out")
-    resolve(data)  # a missing file fails, and a named source is fetched, before the old output goes
-    if not fresh:  # a quickstart dir is always rebuilt from scratch
-        shutil.rmtree(root)
+    resolve(data)  # a missing file fails, and a named source is fetched, before the old output is moved
+    # a quickstart dir is always rebuilt from scratch, but the old one is only moved aside: any failure
+    # (empty or corrupt data, a diverged run, Ctrl-C) puts it back as it was. A first run that fails
+    # leaves nothing behind, unless its training wrote a checkpoint (then `--resume` can continue it)
+    with replacing(root, keep_failed=lambda: fresh and bool(list_checkpoints(root / "run"))):
+        return _pipeline(data, root, preset, vocab_size, over, overrides, prompts, t0)
+
+
+def _pipeline(data: str, root: Path, preset: str, vocab_size: int, over: dict, overrides: list[str] | None,
+              prompts: list[str] | None, t0: float) -> dict:
+    from lmforge import api, tokenizer
+    from lmforge.config import merge
+    from lmforge.data.prepare import prepare
+    from lmforge.data.readers import ReadStats, iter_documents
+    from lmforge.train.pretrain import pretrain
+
     root.mkdir(parents=True)
     (root / "quickstart.txt").write_text("written by `lmforge quickstart`; safe to delete\n")
 
-    try:
-        _step(1, f"data: {data}")
-        stats = ReadStats()
-        docs = sum(1 for _ in iter_documents(data, stats=stats))
-        print(f"  {docs} documents, {stats.bytes / 1e6:.1f} MB")
+    _step(1, f"data: {data}")
+    stats = ReadStats()
+    docs = sum(1 for _ in iter_documents(data, stats=stats))
+    print(f"  {docs} documents, {stats.bytes / 1e6:.1f} MB")
 
-        _step(2, f"tokenizer: byte-level BPE, vocab {vocab_size}")
-        tok = tokenizer.train("bpe", iter_documents(data), vocab_size=vocab_size)
-        tok_path = root / "tokenizer" / "tokenizer.json"
-        tok.save(tok_path)
-        print(f"  {tok.vocab_size} tokens -> {tok_path}")
-    except BaseException:
-        if fresh:  # nothing worth keeping yet (empty data, a bad tokenizer, Ctrl-C): leave no folder behind
-            shutil.rmtree(root, ignore_errors=True)
-        raise
+    _step(2, f"tokenizer: byte-level BPE, vocab {vocab_size}")
+    tok = tokenizer.train("bpe", iter_documents(data), vocab_size=vocab_size)
+    tok_path = root / "tokenizer" / "tokenizer.json"
+    tok.save(tok_path)
+    print(f"  {tok.vocab_size} tokens -> {tok_path}")
 
     _step(3, "prepare: token shards")
     shards = root / "shards"

@@ -254,3 +254,45 @@ def test_resume_follows_the_configs_optimizer_settings(tmp_path):
     again = make_trainer(cfg)
     again.fit(resume=True)
     assert [g["weight_decay"] for g in again.optimizer.param_groups] == [0.05, 0.0]  # 1-D params: none
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda s: {"step": 3},
+    lambda s: [s],
+    lambda s: {**s, "step": "x"},
+    lambda s: {**s, "micro": 1},  # mid-cycle without its partial grads
+    lambda s: {**s, "optimizer": {"state": {}}},
+    lambda s: {**s, "stream": {}},
+    lambda s: {**s, "stream": {"epoch": 0}},  # not this stream's position (ListStream reads "pos")
+    lambda s: {**s, "rng": {"torch": 1}},
+], ids=["no-keys", "list", "step-str", "micro-no-grads", "optimizer", "stream-empty", "stream-keys", "rng"])
+def test_a_malformed_trainer_state_is_set_aside_like_a_corrupt_one(tmp_path, capsys, spoil):
+    """A trainer_state.pt that unpickles but lacks what resume reads is as unusable as a corrupt one."""
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2, keep_last=2)
+    make_trainer(cfg).fit()
+    path = tmp_path / "run" / "checkpoints" / "step-000004" / ck.STATE_FILE
+    torch.save(spoil(ck.load_state(path.parent)), path)
+    capsys.readouterr()
+    again = make_trainer(cfg, init_seed=5)
+    again.fit(resume=True)  # from step-000002, redoing steps 3-4
+    err = capsys.readouterr().err
+    assert "trainer_state.pt is malformed" in err and "moved the corrupt step-000004 aside" in err, err
+    assert again.step == 4
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-000002", "step-000004", "step-000004.corrupt"]
+
+
+def test_another_models_optimizer_state_is_a_one_line_error(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    state = ck.load_state(ckpt)
+    other = tiny_cfg(tmp_path / "other", max_steps=2)
+    other.model.n_layer = 3
+    state["optimizer"] = make_trainer(other).optimizer.state_dict()
+    torch.save(state, ckpt / ck.STATE_FILE)
+    cfg.train.max_steps = 3
+    with pytest.raises(CheckpointError, match="optimizer state in .*step-000002/trainer_state.pt does not fit"
+                                              " this model") as e:
+        make_trainer(cfg).fit(resume=True)
+    assert "\n" not in str(e.value)

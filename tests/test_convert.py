@@ -603,12 +603,35 @@ def test_existing_output_needs_force(tmp_path, capsys):
     assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
     assert "pass --force" in capsys.readouterr().err
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "out"), "--force"]) == 0
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run")]) == 0
+    (tmp_path / "run" / "stale.txt").write_text("from before")
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "run"), "--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "config.json",
         "model.safetensors",
         "source.json",
     ]
+
+
+def test_force_replaces_only_a_model_folder(tmp_path, capsys):
+    """--force deletes OUT_DIR, so a folder that holds no model (a project that merely has the name, or
+    a config.json) is refused, as `pretrain --overwrite` refuses what is not a run dir."""
+    make_hf("gpt2", tmp_path / "hf")
+    convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    mine = tmp_path / "myproj"
+    (mine / "src").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("thesis")
+    (mine / "config.json").write_text("{}")
+    before = _files(mine)
+    capsys.readouterr()
+    for way, src in (("--to-hf", "run"), ("--from-hf", "hf")):
+        assert main(["convert", way, str(tmp_path / src), str(mine), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --force: ") and err.count("\n") == 1, err
+        assert "does not look like a model folder" in err and "refusing to delete it" in err, err
+        assert _files(mine) == before and (mine / "src").is_dir()
+    assert main(["convert", "--to-hf", str(tmp_path / "run"), str(tmp_path / "hf2")]) == 0
+    assert main(["convert", "--to-hf", str(tmp_path / "run"), str(tmp_path / "hf2"), "--force"]) == 0
 
 
 def test_import_without_tokenizer_warns_once_on_stderr(tmp_path, capsys):

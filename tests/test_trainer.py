@@ -355,6 +355,56 @@ def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(shards, tmp_p
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
 
 
+def _fail_at_call(monkeypatch, n):
+    """From the n-th accumulate() call on (1 = the first step), the step fails as bad data would."""
+    from lmforge.errors import DataError
+
+    real, calls = Trainer.accumulate, []
+
+    def accumulate(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= n:
+            raise DataError("token id 9999 in the shards is beyond the tokenizer; re-run `lmforge prepare`")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "accumulate", accumulate)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_out_as_it_was(shards, tmp_path, capsys,
+                                                                           monkeypatch):
+    """--overwrite moves the old run aside until the new one has a checkpoint; a new run dir that got no
+    checkpoint (run.yaml, metrics.jsonl, tb/ only) does not stay behind to block the next attempt."""
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _fail_at_call(monkeypatch, 1)
+    capsys.readouterr()
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--overwrite") == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("error: token id 9999")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    new, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    for folder in (new, empty):
+        assert pretrain_cli("--data.shards", shards, "--out", folder, "--model.vocab_size=320",
+                            "--train.tensorboard=true") == 2
+    assert not new.exists() and list(empty.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "run"]  # no aside copy left either
+    monkeypatch.undo()
+    assert pretrain_cli("--data.shards", shards, "--out", new, "--model.vocab_size=320") == 0
+
+
+def test_overwrite_keeps_the_new_run_once_it_wrote_a_checkpoint(shards, tmp_path, capsys, monkeypatch):
+    """A new run that fails after a checkpoint (like a diverged one) is kept: its error says --resume."""
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    _fail_at_call(monkeypatch, 3)
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--overwrite",
+                        "--train.save_every=1") == 2
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step-000001", "step-000002"]
+    assert max(json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_data_unfit_for_the_objective_leaves_no_run_dir(shards, tmp_path, capsys):
     from lmforge.cli import main
 
@@ -391,6 +441,19 @@ def test_resume_survives_a_torn_metrics_line(shards, tmp_path):
                         "--train.max_steps=6") == 0
     steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 6
+
+
+def test_resume_survives_undecodable_bytes_in_metrics(tmp_path):
+    """A damaged metrics.jsonl (bytes that are not UTF-8) loses only the damaged line on --resume."""
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("ab") as f:
+        f.write(b"\xff\xfe\n")
+    cfg.train.max_steps = 3
+    make_trainer(cfg).fit(resume=True)
+    steps = [json.loads(ln)["step"] for ln in metrics.read_text(encoding="utf-8").splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 3 and steps.count(1) == 1
 
 
 @pytest.mark.parametrize("name, text", [("config.json", '{"family": "gp'),

@@ -134,13 +134,54 @@ def save_checkpoint(run_dir: str | Path, model: nn.Module, tokenizer, state: dic
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
+    """The checkpoint's trainer_state.pt; CheckpointError when it is missing, corrupt or malformed."""
     path = Path(ckpt) / STATE_FILE
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
     except Exception as e:  # truncated zip, bad pickle, ... : all mean "corrupt"
         raise CheckpointError(f"{path} is corrupt ({e.__class__.__name__}); {ckpt} cannot be used") from None
+    wrong = _malformed(state)
+    if wrong:  # it unpickles, but resuming from it would fail half-way: as unusable as a corrupt file
+        raise CheckpointError(f"{path} is malformed ({wrong}); {ckpt} cannot be used")
+    return state
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _malformed(state: Any) -> str | None:
+    """What is wrong with a loaded trainer state's structure (the keys and types resume reads), or None."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a dict"
+    for key in ("step", "micro", "optimizer", "stream", "rng"):
+        if key not in state:
+            return f"no {key!r}"
+    for key in ("step", "micro"):
+        if not _is_count(state[key]):
+            return f"{key!r} is {state[key]!r}, not an int >= 0"
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
+            and isinstance(opt.get("param_groups"), list)):
+        return "'optimizer' is not an optimizer state_dict"
+    if not isinstance(state["stream"], dict) or not state["stream"]:
+        return "'stream' is not a data position"
+    if not isinstance(state.get("loss_acc", 0.0), (int, float)):
+        return "'loss_acc' is not a number"
+    grads = state.get("grads")
+    if state["micro"] and not (isinstance(grads, dict) and all(isinstance(g, torch.Tensor)
+                                                               for g in grads.values())):
+        return "a mid-cycle state without its partial 'grads'"
+    before = rng_state()
+    try:
+        set_rng_state(state["rng"])
+    except Exception as e:
+        return f"'rng' does not load ({e.__class__.__name__})"
+    finally:
+        set_rng_state(before)  # it was a trial only
+    return None
 
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -216,8 +257,12 @@ def apply_weights(model: nn.Module, weights: dict[str, torch.Tensor], ckpt: Path
                               "the checkpoint is incomplete")
 
 
-def latest_good(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
-    """Newest checkpoint whose config, state and weights all load; corrupt ones are skipped with a warning.
+def latest_good(run_dir: str | Path, stream=None,
+                model_cfg=None) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """Newest checkpoint whose config, state and weights all load; corrupt ones (or malformed: a state
+    without the keys and types resume reads) are skipped with a warning. Given this run's `model_cfg`,
+    a readable checkpoint of another model config is a CheckpointError (check_model_config); given its
+    data `stream`, the state's data position is then loaded into it, and one that does not fit is malformed.
 
     Once a good one is found, the corrupt newer ones are renamed NAME.corrupt (kept for a look, but
     no longer resumed from, counted or pruned), so the run's newest checkpoint is a good one again.
@@ -228,15 +273,27 @@ def latest_good(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, to
         raise CheckpointError(f"nothing to resume: {Path(run_dir) / 'checkpoints'} has no checkpoint; "
                               "drop --resume to start fresh")
     errors, bad = [], []
+
+    def skip(ckpt: Path, why: str) -> None:
+        errors.append(why)
+        bad.append(ckpt)
+        print(f"warning: {why}; trying the previous checkpoint", file=sys.stderr)
+
     for ckpt in reversed(ckpts):
         try:
             load_model_config(ckpt)
             eos_ids(ckpt)  # a corrupt generation_config.json makes the checkpoint unusable too
             found = ckpt, load_state(ckpt), load_weights(ckpt)
         except CheckpointError as e:
-            errors.append(str(e))
-            bad.append(ckpt)
-            print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+            skip(ckpt, str(e))
+            continue
+        # outside the try: another model config, or a position saved with another data setup (the
+        # stream's check_setup), is no corruption, and no older checkpoint of the run fixes it
+        if model_cfg is not None:
+            check_model_config(ckpt, model_cfg)
+        if stream is not None and not _position_loads(stream, found[1]["stream"]):
+            skip(ckpt, f"{ckpt / STATE_FILE} is malformed (its data position does not fit the data "
+                       f"stream); {ckpt} cannot be used")
             continue
         for b in bad:
             aside = b.with_name(b.name + ".corrupt")
@@ -245,3 +302,12 @@ def latest_good(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, to
             print(f"warning: moved the corrupt {b.name} aside to {aside.name}", file=sys.stderr)
         return found
     raise CheckpointError(f"no readable checkpoint in {Path(run_dir) / 'checkpoints'}: {errors[0]}")
+
+
+def _position_loads(stream, position: dict[str, Any]) -> bool:
+    """Load a saved data position into `stream`; False when it lacks keys or has values of wrong types."""
+    try:
+        stream.load_state_dict(position)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    return True

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
@@ -35,9 +34,10 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     """Train a model from CONFIG on token shards; returns the final metrics. See the module docstring."""
     from lmforge import runtime
     from lmforge.data.prepare import load_meta
+    from lmforge.io import replacing
     from lmforge.objectives import make_objective
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import apply_weights
+    from lmforge.train.checkpoint import apply_weights, list_checkpoints
     from lmforge.train.trainer import Trainer, check_vocab
 
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
@@ -73,7 +73,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     if seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
                           f"pass --data.seq_len={cfg.model.max_seq_len} or raise model.max_seq_len")
-    replace = _check_out_dir(Path(cfg.train.out_dir), resume, overwrite)
+    _check_out_dir(Path(cfg.train.out_dir), resume, overwrite)
     if resume:
         _check_run_tokenizer(Path(cfg.train.out_dir), tokenizer, tok_path)
         _note_changed_settings(cfg, Path(cfg.train.out_dir) / "run.yaml")
@@ -101,11 +101,14 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     print(f"pretrain {cfg.train.objective}: {n_params / 1e6:.2f}M parameters, device {trainer.device}, "
           f"{cfg.train.dtype}, {cfg.train.max_steps} steps x {cfg.train.batch_size * cfg.train.grad_accum} "
           f"x {seq_len} tokens -> {cfg.train.out_dir}", file=sys.stderr)
-    if replace:  # only now that the config, data and model are known good: the train stream builds too
-        next(obj.stream("train", cfg.train.batch_size, cfg.train.seed, trainer.rank, trainer.world_size))
-        shutil.rmtree(cfg.train.out_dir)
-    result = trainer.fit(resume=resume)
-    return result
+    if resume:
+        return trainer.fit(resume=True)
+    # an old run (--overwrite) is moved aside, not deleted, until the new run writes a checkpoint: a run
+    # that fails before that (bad data at the first step, Ctrl-C, a crash) leaves --out as it was, with
+    # no half-made run dir; one that fails later (diverges) keeps its last good checkpoint to --resume
+    out_dir = Path(cfg.train.out_dir)
+    with replacing(out_dir, keep_failed=lambda: bool(list_checkpoints(out_dir))):
+        return trainer.fit()
 
 
 def _read_init(init: Path):
@@ -173,21 +176,20 @@ def _note_changed_settings(cfg, run_yaml: Path) -> None:
         print(f"note: resuming with changed settings: {', '.join(changed)}", file=sys.stderr)
 
 
-def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> bool:
-    """ConfigError unless --out can be used as asked; True when an old run there is to be replaced."""
+def _check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """ConfigError unless --out can be used as asked."""
     if resume:
         if not (out / "checkpoints").is_dir():
             raise ConfigError(f"--resume: {out} has no checkpoints/; check --out or drop --resume")
-        return False
+        return
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return False
+        return
     if not overwrite:
         raise ConfigError(f"output dir {out} exists and is not empty; pass --resume to continue it, "
                           "--overwrite to replace it, or another --out")
     if not out.is_dir() or not any((out / m).exists() for m in RUN_MARKERS):
         raise ConfigError(f"--overwrite: {out} does not look like a run dir (no run.yaml / checkpoints); "
                           "refusing to delete it, pick another --out")
-    return True
 
 
 def register(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +207,8 @@ def register(parser: argparse.ArgumentParser) -> None:
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out exactly from its newest good checkpoint (repeat "
                             "the run's overrides, e.g. --train.max_steps, to continue it unchanged)")
-    again.add_argument("--overwrite", action="store_true", help="delete an existing run in --out first")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace an existing run in --out (kept until the new run writes a checkpoint)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still written)")
     parser.epilog = "Any config field can be overridden: --train.lr=3e-4 --model.n_layer=4"
     parser.set_defaults(func=_cmd, overrides=True)

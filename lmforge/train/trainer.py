@@ -294,9 +294,10 @@ class Trainer:
         return ckpt_mod.save_checkpoint(self.run_dir, self.model, self.tokenizer, state, self.t.keep_last)
 
     def _restore(self, stream) -> tuple[int, dict | None, float]:
-        ckpt, state, weights = ckpt_mod.latest_good(self.run_dir)
-        # the model as built: an objective may adjust the config (mlm-only BERT drops the NSP head)
-        ckpt_mod.check_model_config(ckpt, getattr(self.model, "cfg", self.cfg.model))
+        # the model as built: an objective may adjust the config (mlm-only BERT drops the NSP head);
+        # latest_good checks it against the checkpoint's, and loads the checkpoint's data position
+        model_cfg = getattr(self.model, "cfg", self.cfg.model)
+        ckpt, state, weights = ckpt_mod.latest_good(self.run_dir, stream, model_cfg)
         for key in ("grad_accum", "batch_size"):
             if state["micro"] and state.get(key) != getattr(self.t, key):
                 raise ckpt_mod.CheckpointError(
@@ -305,9 +306,14 @@ class Trainer:
         ckpt_mod.apply_weights(self.model, weights, ckpt)
         if self.tokenizer is not None and getattr(self.model, "cfg", self.cfg.model).family == "gpt":
             self.tokenizer.add_eos_ids(eos_ids(ckpt))  # e.g. an imported instruct model's end-of-turn id
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:  # e.g. another model's optimizer state
+            raise ckpt_mod.CheckpointError(
+                f"cannot resume: the optimizer state in {ckpt / ckpt_mod.STATE_FILE} does not fit this "
+                f"model ({e.__class__.__name__}); resume from a checkpoint this run wrote, or start a new "
+                "run with another --out") from None
         apply_hparams(self.optimizer, self.t)  # load_state_dict brought back the old betas/eps/decay
-        stream.load_state_dict(state["stream"])
         ckpt_mod.set_rng_state(state["rng"])
         self.step = int(state["step"])
         print(f"resuming from {ckpt} (step {self.step}, micro-batch {state['micro']})", file=sys.stderr)
@@ -337,7 +343,9 @@ class Trainer:
     def _open_logs(self, resume: bool) -> None:
         path = self.run_dir / "metrics.jsonl"
         if resume and path.exists():  # forget records from after the checkpoint (and a line torn by a kill)
-            keep = [r for r in map(_record, path.read_text(encoding="utf-8").splitlines())
+            # undecodable bytes (a damaged file) spoil only their line, as a torn line does
+            text = path.read_text(encoding="utf-8", errors="replace")
+            keep = [r for r in map(_record, text.splitlines())
                     if r is not None and r.get("step", 0) <= self.step]
             atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
         elif not resume:
