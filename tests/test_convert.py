@@ -694,6 +694,15 @@ def test_an_imported_model_trains_further_with_init_from(tmp_path, capsys):
     assert not torch.equal(load_model(tmp_path / "trained").tok_emb.weight, before.tok_emb.weight)
 
 
+def test_an_hf_config_far_larger_than_its_weights_is_refused_before_any_work(tmp_path, capsys):
+    make_hf("gpt2", tmp_path / "hf")
+    _edit_config(tmp_path / "hf", n_layer=10**9)  # would build a billion layers' worth of rules first
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "describes a model of at least" in err and "the weights do not match config.json" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
 def test_converted_folders_follow_the_umask(tmp_path):
     """safetensors' save_file makes 0600 files; an imported run dir and an exported HF folder are
     readable by whoever the umask allows, like every other file lmforge writes."""

@@ -226,6 +226,7 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     `store.build_model(cfg)` with strict=False; every other tensor was checked here."""
     from dataclasses import replace
 
+    from lmforge.models.store import check_size
     from lmforge.tokenizer import Tokenizer
 
     _refuse_run_dir(Path(hf_dir))
@@ -233,6 +234,7 @@ def read_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
     flavour = ARCHITECTURES[hf_architecture(hf)]
     cfg = config_from_hf(hf)
     weights = read_hf_weights(hf_dir)
+    check_size(cfg, sum(t.numel() for t in weights.values()), Path(hf_dir))  # before any per-layer work
     if flavour == "bert":
         cfg = replace(cfg, heads=_bert_heads(_canonical(weights, flavour)))
     sd = from_hf_state_dict(weights, cfg, flavour)
