@@ -74,10 +74,9 @@ def sample_next(
     """logits (B, V) -> next token ids (B,). temperature 0 means greedy."""
     if temperature == 0 or top_k == 1:
         return logits.argmax(-1)
-    scaled = logits / temperature
-    if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first (softmax is the same)
-        scaled = (logits - logits.amax(-1, keepdim=True)) / temperature
-    logits = scaled
+    if temperature < 1e-4:  # logits / temperature could overflow: shift first (the same softmax)
+        logits = logits - logits.amax(-1, keepdim=True)
+    logits = logits / temperature
     if top_k is not None and top_k > 0:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1.0:

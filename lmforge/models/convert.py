@@ -290,13 +290,14 @@ def _check_out(out_dir: Path, force: bool, src: str | Path) -> None:
                                   "for the output")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise CheckpointError(f"{out_dir} exists and is not empty; choose a new folder or pass --force")
-    # --force deletes OUT_DIR: only a model folder (weights, as convert writes them, or an lmforge run),
-    # never a folder of the user's that happens to be named; as `pretrain --overwrite` decides
-    markers = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "run.yaml",
-               "checkpoints")
-    if out_dir.exists() and any(out_dir.iterdir()) and not any((out_dir / m).exists() for m in markers):
-        raise CheckpointError(f"--force: {out_dir} does not look like a model folder (no model.safetensors, "
-                              "pytorch_model.bin or run.yaml); refusing to delete it, choose another folder")
+    # --force deletes OUT_DIR: only a model folder (config.json + weights, as convert writes them) or an
+    # lmforge run, never a folder of the user's that happens to be named; as `pretrain --overwrite` decides
+    from lmforge.data.readers import lmforge_output
+
+    if (out_dir.exists() and any(out_dir.iterdir())
+            and not lmforge_output(out_dir).startswith(("a run dir", "a model folder"))):
+        raise CheckpointError(f"--force: {out_dir} does not look like a model folder (no config.json + "
+                              "weights, no run.yaml); refusing to delete it, choose another folder")
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path, force: bool = False) -> ModelConfig:
