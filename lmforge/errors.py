@@ -19,3 +19,8 @@ class DataError(LmforgeError):
 
 class CheckpointError(LmforgeError):
     """Corrupt, missing or mismatched checkpoint / run dir / tokenizer."""
+
+
+def is_count(value, least: int = 0) -> bool:
+    """An int (not a bool) >= least: what a count read back from a JSON / pickled file must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least

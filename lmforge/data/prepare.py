@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.fastencode import GUARD_CHARS, Encoder, check_fast_path, fast_encoding
-from lmforge.errors import CheckpointError, ConfigError, DataError
+from lmforge.errors import CheckpointError, ConfigError, DataError, is_count
 from lmforge.io import atomic_dir, atomic_write_json
 from lmforge.tokenizer import Tokenizer
 
@@ -378,26 +378,22 @@ def load_meta(shard_dir: str | Path) -> dict:
     return meta
 
 
-def _count(value, least: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
 def _meta_problem(meta) -> str:
     """What is wrong with a parsed meta.json in the fields the readers use, or ''."""
     if not isinstance(meta, dict):
         return f"a JSON {type(meta).__name__}, not an object"
     if meta.get("dtype") not in ("uint16", "uint32"):
         return f"dtype {meta.get('dtype')!r} is not uint16 or uint32"
-    if not _count(meta.get("vocab_size"), 1):
+    if not is_count(meta.get("vocab_size"), 1):
         return f"vocab_size {meta.get('vocab_size')!r} is not a positive integer"
     if not isinstance(meta.get("tokenizer_hash", ""), str):
         return "tokenizer_hash is not a string"
-    if meta.get("separator_id") is not None and not _count(meta["separator_id"]):
+    if meta.get("separator_id") is not None and not is_count(meta["separator_id"]):
         return f"separator_id {meta['separator_id']!r} is not a token id"
     if not isinstance(meta.get("splits"), dict):
         return "no splits object"
     for split, info in meta["splits"].items():
-        if not isinstance(info, dict) or not _count(info.get("tokens")):
+        if not isinstance(info, dict) or not is_count(info.get("tokens")):
             return f"splits.{split}.tokens is not a count"
         shards = info.get("shards")
         if not isinstance(shards, list) or not all(isinstance(s, str) for s in shards):

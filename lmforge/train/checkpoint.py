@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.errors import CheckpointError
+from lmforge.errors import CheckpointError, is_count
 from lmforge.io import atomic_dir
 from lmforge.models.convert_config import eos_ids
 
@@ -148,10 +148,6 @@ def load_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
-def _is_count(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
-
-
 def _malformed(state: Any) -> str | None:
     """What is wrong with a loaded trainer state's structure (the keys and types resume reads), or None."""
     if not isinstance(state, dict):
@@ -160,7 +156,7 @@ def _malformed(state: Any) -> str | None:
         if key not in state:
             return f"no {key!r}"
     for key in ("step", "micro"):
-        if not _is_count(state[key]):
+        if not is_count(state[key]):
             return f"{key!r} is {state[key]!r}, not an int >= 0"
     opt = state["optimizer"]
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict)
