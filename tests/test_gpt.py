@@ -201,6 +201,21 @@ def test_info_flops_are_the_ones_the_trainer_reports_mfu_with(preset, over, tmp_
     assert info["params_matmul"] == info["params_non_embedding"] + head
 
 
+@pytest.mark.parametrize("preset", ["gpt-tiny", "llama-small", "bert-tiny"])
+def test_info_counts_any_depth_without_building_it(preset):
+    from lmforge.models.info import model_info
+    from lmforge.objectives import make_objective
+
+    def built(n_layer):  # the real model, every layer of it (on meta: shapes only)
+        cfg = load_config(preset, {"model": {"n_layer": n_layer}})
+        with torch.device("meta"):
+            return sum(p.numel() for p in make_objective(cfg, None).build_model().parameters())
+
+    assert model_info(load_config(preset, {"model": {"n_layer": 5}}))["params"] == built(5)
+    huge = model_info(load_config(preset, {"model": {"n_layer": 10**9}}))  # at once: nothing is built
+    assert huge["params"] == built(3) + (10**9 - 3) * (built(4) - built(3))
+
+
 def test_info_cli(capsys):
     from lmforge.cli import main
     assert main(["model", "info", "gpt2-124m", "--model.n_layer=2"]) == 0

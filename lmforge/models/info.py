@@ -1,6 +1,7 @@
 """`lmforge model info CONFIG`: parameter count, training FLOPs per token, memory needed to train.
 
-Counted from the config alone (the model is built on the `meta` device: no memory, no init time).
+Counted from the config alone: models of 1 and 2 layers are built on the `meta` device (no memory,
+no init time) and, every block having the same parameters, extrapolated to n_layer.
 
     FLOPs per token (training, forward + backward) = 6 N + 12 L T d     (Kaplan et al. 2020; PaLM App. B)
         N = the parameters that multiply every token: all but the embedding tables, plus the LM
@@ -21,6 +22,7 @@ Counted from the config alone (the model is built on the `meta` device: no memor
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import torch
 
@@ -42,22 +44,37 @@ def matmul_params(cfg: ModelConfig, non_embedding: int) -> int:
 
 def flops_per_token(cfg: ModelConfig, model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token, 6 N + 12 L T d (module docstring); `model` built from `cfg`."""
-    params, emb = param_counts(model)
+    return _flops(cfg, *param_counts(model), seq_len)
+
+
+def _flops(cfg: ModelConfig, params: int, emb: int, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg, params - emb) + 12.0 * cfg.n_layer * seq_len * cfg.d_model
+
+
+def _built_counts(cfg: RunConfig) -> tuple[ModelConfig, int, int]:
+    """(the built model's config, params, embedding params) as the Trainer's objective builds it (an
+    mlm-only BERT has no NSP head), from meta models of 1 and 2 layers: every block has the same
+    parameters, so params(L) = params(1) + (L - 1) (params(2) - params(1)), at once for any L."""
+    from lmforge.objectives import make_objective
+
+    counts = []
+    for n_layer in (1, 2):
+        small = replace(cfg, model=replace(cfg.model, n_layer=n_layer))
+        with torch.device("meta"):
+            model = make_objective(small, None).build_model()
+        counts.append(param_counts(model))
+    (p1, e1), (p2, _) = counts
+    L = cfg.model.n_layer
+    return replace(model.cfg, n_layer=L), p1 + (L - 1) * (p2 - p1), e1
 
 
 def model_info(cfg: RunConfig) -> dict:
     """Numbers for the model and the configured batch: params, FLOPs per token, memory (bytes)."""
-    from lmforge.objectives import make_objective
-
-    with torch.device("meta"):  # built by the objective, as the Trainer builds it (mlm: no NSP head)
-        model = make_objective(cfg, None).build_model()
-    m = model.cfg
-    params, emb = param_counts(model)
+    m, params, emb = _built_counts(cfg)
     non_emb = params - emb
     T = cfg.data.seq_len or m.max_seq_len
     B = cfg.train.batch_size
-    flops = flops_per_token(m, model, T)
+    flops = _flops(m, params, emb, T)
     act16 = m.n_layer * B * T * (34 * m.d_model + 5 * m.n_head * T)  # bytes in 16-bit
     logits = B * T * m.vocab_size * 4  # fp32 logits for the loss
     memory = {}
