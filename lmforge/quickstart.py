@@ -34,6 +34,7 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
     from lmforge.errors import ConfigError
     from lmforge.io import replacing
     from lmforge.train.checkpoint import list_checkpoints
+    from lmforge.train.trainer import Diverged, TrainingError
 
     t0 = time.time()
     if steps is not None and steps < 1:
@@ -54,8 +55,13 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
     # a quickstart dir is always rebuilt from scratch, but the old one is only moved aside: any failure
     # (empty or corrupt data, a diverged run, Ctrl-C) puts it back as it was. A first run that fails
     # leaves nothing behind, unless its training wrote a checkpoint (then `--resume` can continue it)
-    with replacing(root, keep_failed=lambda: fresh and bool(list_checkpoints(root / "run"))):
-        return _pipeline(data, root, preset, vocab_size, over, overrides, prompts, t0)
+    try:
+        with replacing(root, keep_failed=lambda: fresh and bool(list_checkpoints(root / "run"))):
+            return _pipeline(data, root, preset, vocab_size, over, overrides, prompts, t0)
+    except Diverged as e:  # its advice is pretrain's (--resume, --overwrite) and names a checkpoint that,
+        where = "" if fresh else f"; {root} is back as it was before this run"  # over an old output, is gone
+        raise TrainingError(f"{e.head}{where}; {e.fix} (quickstart takes --train.x=N overrides too) and run "
+                            "quickstart again") from None
 
 
 def _pipeline(data: str, root: Path, preset: str, vocab_size: int, over: dict, overrides: list[str] | None,

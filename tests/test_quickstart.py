@@ -151,3 +151,24 @@ def test_a_quickstart_that_fails_after_it_started_puts_the_earlier_output_back(t
     with pytest.raises(KeyboardInterrupt):
         quickstart(data=str(_corpus(tmp_path)), out=str(tmp_path / "new"), preset="gpt-tiny", vocab_size=300)
     assert not (tmp_path / "new").exists()
+
+
+def test_a_diverged_quickstart_says_what_to_rerun_and_names_no_checkpoint_it_put_away(tmp_path, capsys):
+    """Pretrain's divergence advice (--resume from checkpoint X / --overwrite) does not fit a quickstart:
+    over an earlier output, X was the new run's and is gone once the earlier output is back."""
+    corpus = _corpus(tmp_path)
+    out = tmp_path / "qs"
+    args = ["quickstart", "--data", str(corpus), "--out", str(out), "--preset", "gpt-tiny", "--vocab-size", "300"]
+    diverge = ["--steps", "8", "--train.lr=1e9", "--train.warmup_steps=0", "--train.save_every=1"]
+    assert main([*args, *diverge]) == 2  # a first run: its kept checkpoints are replaced by the next run
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("error: "))  # on a line of its own, bar or not
+    assert "training diverged at step" in line and line.endswith("and run quickstart again")
+    assert "--resume" not in line and "--overwrite" not in line
+    assert main([*args, "--steps", "1"]) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main([*args, *diverge]) == 2
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("error: "))
+    assert f"{out} is back as it was before this run" in line and "checkpoint" not in line
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -50,6 +50,16 @@ class TrainingError(LmforgeError):
     """The run cannot continue (diverged to NaN / inf) or has nothing left to do."""
 
 
+class Diverged(TrainingError):
+    """The loss or the grads went NaN / inf: `head` says where, `fix` what to change, `checkpoint` is the
+    last good one (None when none was written); a caller that reruns differently rewords the advice."""
+
+    def __init__(self, head: str, fix: str, checkpoint: Path | None):
+        self.head, self.fix, self.checkpoint = head, fix, checkpoint
+        super().__init__(f"{head}; last good checkpoint: {checkpoint}; {fix} and --resume" if checkpoint
+                         else f"{head}; no checkpoint was written; {fix} and run again with --overwrite")
+
+
 def check_vocab(vocab_size: int, needed: int) -> None:
     """ConfigError unless the model's embedding has a row for every id the tokenizer / shards use."""
     if vocab_size < needed:
@@ -134,54 +144,56 @@ class Trainer:
         bar = self._bar()
         last: dict[str, float] = {}
         stopped = False
-        while self.step < t.max_steps:
-            cycle_start = copy.deepcopy(stream.state_dict())
-            batches = [to_device(next(stream), self.device) for _ in range(t.grad_accum)]
-            if micro0:  # resumed inside this cycle: put back the partial grads of micro-batches < micro0
-                for name, p in model.named_parameters():
-                    if name in grads0:
-                        p.grad = grads0[name].to(self.device)
-            stop = lambda done: self._stop_requested(start, self.step, done)  # noqa: B023
-            loss_acc, total, done = self.accumulate(batches, micro0, loss0, stop)
-            if done < len(batches):  # stopped mid-cycle: save the partial cycle, unless it diverged
-                self._check_finite(float(loss_acc) / total)
-                self._save(cycle_start, micro=done, loss_acc=float(loss_acc))
-                stopped = True
-                break
-            micro0, loss0 = 0, 0.0
-            loss, grad_norm, lr = self.optimizer_step(loss_acc, total)
-            self.step += 1
-            tick_tokens += sum(obj.n_tokens(b) for b in batches)
-            tick_steps += 1
-            if first_step and self.step % t.log_every and self.step < t.max_steps:
-                tick, tick_tokens = time.monotonic(), 0  # the first step compiles kernels: not in tokens/s
-            first_step = False
+        try:  # the bar ends its line before an error is printed
+            while self.step < t.max_steps:
+                cycle_start = copy.deepcopy(stream.state_dict())
+                batches = [to_device(next(stream), self.device) for _ in range(t.grad_accum)]
+                if micro0:  # resumed inside this cycle: put back the partial grads of micro-batches < micro0
+                    for name, p in model.named_parameters():
+                        if name in grads0:
+                            p.grad = grads0[name].to(self.device)
+                stop = lambda done: self._stop_requested(start, self.step, done)  # noqa: B023
+                loss_acc, total, done = self.accumulate(batches, micro0, loss0, stop)
+                if done < len(batches):  # stopped mid-cycle: save the partial cycle, unless it diverged
+                    self._check_finite(float(loss_acc) / total)
+                    self._save(cycle_start, micro=done, loss_acc=float(loss_acc))
+                    stopped = True
+                    break
+                micro0, loss0 = 0, 0.0
+                loss, grad_norm, lr = self.optimizer_step(loss_acc, total)
+                self.step += 1
+                tick_tokens += sum(obj.n_tokens(b) for b in batches)
+                tick_steps += 1
+                if first_step and self.step % t.log_every and self.step < t.max_steps:
+                    tick, tick_tokens = time.monotonic(), 0  # the first step compiles kernels: not in tok/s
+                first_step = False
 
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
-                now = time.monotonic()
-                tps = tick_tokens / max(now - tick, 1e-9)
-                last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                        "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self._peak_flops(),
-                        "elapsed_s": now - start}
-                self._log(last)
-                tick, tick_tokens = now, 0
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    now = time.monotonic()
+                    tps = tick_tokens / max(now - tick, 1e-9)
+                    last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                            "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self._peak_flops(),
+                            "elapsed_s": now - start}
+                    self._log(last)
+                    tick, tick_tokens = now, 0
+                if bar is not None:
+                    bar.update(tick_steps)
+                    tick_steps = 0
+                    if last:
+                        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                        mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
+                pause = time.monotonic()
+                if t.eval_every > 0 and self.step % t.eval_every == 0:
+                    self.evaluate()
+                stopped = self.step < t.max_steps and self._stop_requested(start, self.step, 0)
+                if self.step % t.save_every == 0 or stopped or self.step == t.max_steps:
+                    self._save(stream.state_dict(), micro=0, loss_acc=0.0)
+                tick += time.monotonic() - pause  # tokens/s counts training time only, not eval or saving
+                if stopped:
+                    break
+        finally:
             if bar is not None:
-                bar.update(tick_steps)
-                tick_steps = 0
-                if last:
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                    mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
-            pause = time.monotonic()
-            if t.eval_every > 0 and self.step % t.eval_every == 0:
-                self.evaluate()
-            stopped = self.step < t.max_steps and self._stop_requested(start, self.step, 0)
-            if self.step % t.save_every == 0 or stopped or self.step == t.max_steps:
-                self._save(stream.state_dict(), micro=0, loss_acc=0.0)
-            tick += time.monotonic() - pause  # tokens/s counts training time only, not eval or saving
-            if stopped:
-                break
-        if bar is not None:
-            bar.close()
+                bar.close()
         if self.last_eval.get("step") != self.step:  # every run ends with a val score
             self.evaluate()
         ckpt_mod.save_model_files(model, self.tokenizer, self.run_dir)  # final weights at RUN/ top level
@@ -200,7 +212,7 @@ class Trainer:
         clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         if not math.isfinite(grad_norm):
-            raise TrainingError(self._diverged(f"grad norm is {grad_norm}"))
+            raise self._diverged(f"grad norm is {grad_norm}")
         lr = lr_at(self.step, t)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
@@ -210,12 +222,12 @@ class Trainer:
     def _check_finite(self, loss: float, grads: bool = True) -> None:
         """TrainingError (the run diverged) on a NaN / inf loss, or on NaN / inf accumulated grads."""
         if not math.isfinite(loss):
-            raise TrainingError(self._diverged(f"loss is {loss}"))
+            raise self._diverged(f"loss is {loss}")
         if grads:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters()
                                                         if p.grad is not None]))
             if not math.isfinite(norm):
-                raise TrainingError(self._diverged(f"grad norm is {norm}"))
+                raise self._diverged(f"grad norm is {norm}")
 
     def accumulate(self, batches: list[dict], start: int = 0, loss_acc: float = 0.0,
                    stop: Callable[[int], bool] | None = None) -> tuple[torch.Tensor, int, int]:
@@ -319,13 +331,11 @@ class Trainer:
         print(f"resuming from {ckpt} (step {self.step}, micro-batch {state['micro']})", file=sys.stderr)
         return int(state["micro"]), state.get("grads"), float(state.get("loss_acc", 0.0))
 
-    def _diverged(self, what: str) -> str:
+    def _diverged(self, what: str) -> Diverged:
         done = ckpt_mod.list_checkpoints(self.run_dir)
-        fix = f"lower --train.lr (now {self.t.lr}) or raise --train.warmup_steps"
-        head = f"training diverged at step {self.step + 1}: {what}"
-        if done:
-            return f"{head}; last good checkpoint: {done[-1]}; {fix} and --resume"
-        return f"{head}; no checkpoint was written; {fix} and run again with --overwrite"
+        return Diverged(f"training diverged at step {self.step + 1}: {what}",
+                        f"lower --train.lr (now {self.t.lr}) or raise --train.warmup_steps",
+                        done[-1] if done else None)
 
     # -----------------------------------------------------------------------------------------
     # logging
