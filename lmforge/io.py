@@ -7,9 +7,12 @@ sources) build `NAME.tmp-XXXX/`, fsync every file in it, and rename it.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,7 +91,7 @@ def replacing(path: str | Path, keep_failed: Callable[[], bool] = lambda: False)
     A non-empty `path` is first renamed aside to `.NAME.old-PID`; on success that copy is deleted. On any
     error (Ctrl-C too) what the body made is removed and `path` is back as it was (the old folder, an
     empty one, or none), unless `keep_failed()` says what it made is worth keeping: then the old folder
-    goes, as on success.
+    goes, as on success. An aside left by a process killed outright is never deleted: a note names it.
     """
     from lmforge.errors import ConfigError
 
@@ -98,9 +101,13 @@ def replacing(path: str | Path, keep_failed: Callable[[], bool] = lambda: False)
     here = Path.cwd()
     if moved and (here == path.resolve() or path.resolve() in here.parents):  # we would work in the old one
         raise ConfigError(f"{path} holds the current folder, so it cannot be replaced; run from outside it")
+    _note_stale_asides(path)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    n = 0
+    while old.exists() or old.is_symlink():  # a killed process's, whose pid we now have: keep it too
+        n += 1
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{n}")
     if moved:
-        _remove(old)  # left by a killed process that had our pid
         os.replace(path, old)
     try:
         yield
@@ -119,6 +126,26 @@ def replacing(path: str | Path, keep_failed: Callable[[], bool] = lambda: False)
         raise
     if moved:
         _remove(old)
+
+
+def _note_stale_asides(path: Path) -> None:
+    """Say so (stderr) when a process killed outright (SIGKILL, power loss) while replacing `path` left
+    the old contents aside: nothing could put them back then, and nothing deletes them now."""
+    for aside in sorted(path.parent.glob(f".{glob.escape(path.name)}.old-*")):
+        pid = re.fullmatch(r"(\d+)(-\d+)?", aside.name[len(path.name) + 6:])
+        if pid and (int(pid[1]) == os.getpid() or not _alive(int(pid[1]))):
+            print(f"note: {aside} holds what {path} held before a run (pid {pid[1]}) that was killed while "
+                  f"replacing it; move it back over {path}, or delete it", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
 
 
 def _remove(path: Path) -> None:
