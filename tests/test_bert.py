@@ -161,3 +161,64 @@ def test_too_long_input_is_a_clear_error():
     model = BertForPreTraining(tiny())
     with pytest.raises(ConfigError, match="max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_gelu_tanh_bert_matches_hf_gelu_pytorch_tanh():
+    """mlp=gelu_tanh is HF's hidden_act=gelu_pytorch_tanh, in the blocks and in the MLM head's transform."""
+    cfg = tiny(mlp="gelu_tanh", heads="mlm")
+    hf_cfg = hf_config(cfg)
+    hf_cfg.hidden_act, hf_cfg.initializer_range = "gelu_pytorch_tanh", 0.5  # big activations: GELUs differ
+    torch.manual_seed(2)
+    hf = transformers.BertForMaskedLM(hf_cfg).eval()
+    ours = BertForPreTraining(cfg).eval()
+    load_from_hf(ours, hf)
+    ids, tt, am = inputs(cfg, seed=2)
+    with torch.no_grad():
+        want = hf(input_ids=ids, token_type_ids=tt, attention_mask=am).logits[am.bool()]
+        got = ours(ids, tt, am).mlm_logits[am.bool()]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_position_ids_are_used_as_hf_uses_them():
+    cfg = tiny(heads="none")
+    torch.manual_seed(3)
+    hf = transformers.BertModel(hf_config(cfg)).eval()
+    ours = BertForPreTraining(cfg).eval()
+    load_from_hf(ours, hf)
+    ids, tt, _ = inputs(cfg, seed=3)  # (3, 11)
+    pos = torch.stack([torch.arange(11) + 3, 2 * torch.arange(11), torch.arange(11) + 20])  # all < 32
+    with torch.no_grad():
+        want = hf(input_ids=ids, token_type_ids=tt, position_ids=pos).last_hidden_state
+        got = ours(ids, token_type_ids=tt, position_ids=pos).last_hidden_state
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_init_is_berts_and_pre_norm_output_is_normalised():
+    """BERT init: Linear / Embedding weights N(0, init_std), every bias 0, every norm weight 1; with
+    norm_position=pre the encoder's output passes the final LayerNorm (per token mean 0, variance 1)."""
+    torch.manual_seed(0)
+    model = BertForPreTraining(tiny(d_model=64, init_std=0.05)).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            assert not p.any(), name
+        elif "ln" in name:
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif p.dim() == 2 and p.numel() >= 2000:
+            assert abs(p.std().item() - 0.05) < 0.005 and abs(p.mean().item()) < 0.005, name
+    pre = BertForPreTraining(tiny(norm_position="pre")).eval()
+    with torch.no_grad():
+        h = pre(torch.randint(5, 99, (2, 9))).last_hidden_state
+    torch.testing.assert_close(h.mean(-1), torch.zeros(2, 9), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.var(-1, unbiased=False), torch.ones(2, 9), atol=1e-4, rtol=0)
+
+
+def test_num_params_and_full_context():
+    """non_embedding leaves out the token, position and segment tables; max_seq_len tokens still fit."""
+    cfg = tiny()
+    model = BertForPreTraining(cfg).eval()
+    tables = (cfg.vocab_size + cfg.max_seq_len + cfg.type_vocab_size) * cfg.d_model
+    assert model.num_params() == sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=True) == model.num_params() - tables
+    with torch.no_grad():
+        out = model(torch.randint(5, 99, (1, cfg.max_seq_len)))
+    assert out.last_hidden_state.shape == (1, cfg.max_seq_len, cfg.d_model)

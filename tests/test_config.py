@@ -116,3 +116,24 @@ def test_cli_config_error_is_one_line_exit_2():
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "model.nlayer" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model.n_layer=2.5"], "model.n_layer must be an integer, got 2.5"),  # never silently 2
+    (["--model.n_layer=null"], "model.n_layer must be an integer, got None"),  # null only for X | None
+    (["--model.n_head=4", "--model.n_kv_head=3"], "model.n_head=4 must be a multiple of model.n_kv_head=3"),
+])
+def test_more_bad_overrides_name_the_key(args, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config("gpt-tiny", args)
+    assert needle in str(e.value)
+    assert load_config("gpt-tiny", ["--model.n_layer=3.0", "--model.n_kv_head=null"]).model.n_layer == 3
+
+
+def test_a_yaml_bool_is_not_a_text_value(tmp_path):
+    """`device: true` in a YAML file is a mistake, not the device 'True'."""
+    (tmp_path / "c.yaml").write_text("train: {device: true}\n")
+    with pytest.raises(ConfigError, match="train.device must be a string, got True"):
+        load_config(str(tmp_path / "c.yaml"))
+    with pytest.raises(ConfigError, match="train.out_dir must be a string, got False"):
+        load_config("gpt-tiny", {"train": {"out_dir": False}})

@@ -936,3 +936,92 @@ def test_load_model_takes_the_dtype_names_api_load_takes(tmp_path):
     for bad in ("int8", "float64", 16):
         with pytest.raises(ConfigError, match=f"dtype {bad!r} is not valid; choose one of: fp32, bf16, fp16"):
             load_model(tmp_path / "run", dtype=bad)
+
+
+@pytest.mark.parametrize("case,build,edit", [
+    ("gpt2", {"n_inner": 40}, {"layer_norm_epsilon": 1e-3}),
+    ("llama-gqa-untied", {}, {"rms_norm_eps": 1e-3}),
+    ("bert-pretraining", {}, {"layer_norm_eps": 1e-3}),
+])
+def test_non_default_config_values_travel_both_ways(case, build, edit, tmp_path):
+    """Norm eps far from every default (hidden states have mean squares ~1e-3, so 1e-3 shows) and a
+    GPT-2 n_inner that is not 4 * n_embd: import and export both agree with transformers."""
+    make_hf(case, tmp_path / "hf", **build)
+    _edit_config(tmp_path / "hf", **edit)
+    auto = getattr(transformers, CASES[case][3])
+    hf = auto.from_pretrained(tmp_path / "hf").eval()
+    ids, mask, types = inputs()
+    want = hf_outputs(hf, case, ids, mask, types)
+    model, _ = convert.load_hf(tmp_path / "hf")
+    assert_same(want, our_outputs(model, case, ids, mask, types), mask)
+    convert.import_hf(tmp_path / "hf", tmp_path / "run")
+    convert.export_hf(tmp_path / "run", tmp_path / "back")
+    again = auto.from_pretrained(tmp_path / "back").eval()
+    assert_same(want, hf_outputs(again, case, ids, mask, types), mask)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama-gqa-untied", "bert-mlm"])
+def test_absent_tie_key_means_what_transformers_assumes(case, tmp_path):
+    """GPT2Config and BertConfig tie the LM head by default, LlamaConfig does not."""
+    make_hf(case, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.pop("tie_word_embeddings", None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    hf = getattr(transformers, CASES[case][3]).from_pretrained(tmp_path / "hf").eval()
+    model, _ = convert.load_hf(tmp_path / "hf")
+    ids, mask, types = inputs()
+    assert_same(hf_outputs(hf, case, ids, mask, types), our_outputs(model, case, ids, mask, types), mask)
+
+
+def test_tf_era_bert_layernorm_gamma_beta_names_import(tmp_path):
+    """Old BERT files (bert-base-uncased's pytorch_model.bin) name LayerNorm parameters gamma / beta."""
+    hf = make_hf("bert-pretraining", tmp_path / "hf")
+    sd = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in hf.state_dict().items()}
+    assert sum(".gamma" in k for k in sd) == 6  # embeddings + 2 per layer + the MLM transform
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(sd, tmp_path / "hf" / "pytorch_model.bin")
+    model, _ = convert.load_hf(tmp_path / "hf")
+    ids, mask, types = inputs()
+    case = "bert-pretraining"
+    assert_same(hf_outputs(hf, case, ids, mask, types), our_outputs(model, case, ids, mask, types), mask)
+
+
+def test_cased_vocab_txt_keeps_case_as_transformers_does(tmp_path):
+    from lmforge.models.convert_tokenizer import tokenizer_from_hf
+
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB + ["The", "CAT"]) + "\n", encoding="utf-8")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    ref = transformers.BertTokenizer(str(tmp_path / "vocab.txt"), do_lower_case=False)
+    ours = tokenizer_from_hf(tmp_path)
+    for text in ["The cat sat", "the CAT sat", "THE Cat"]:
+        assert ours.encode(text).ids == ref(text)["input_ids"], text
+    assert ours.encode("The CAT").ids != ours.encode("the cat").ids
+
+
+def test_a_tokenizer_json_with_baked_in_truncation_gives_every_id(tmp_path):
+    """all-MiniLM's tokenizer.json truncates at 128 and pads: imported, it must return raw ids only."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.models.convert_tokenizer import tokenizer_from_hf
+
+    _word_tokenizer(tmp_path)
+    tok = HFTokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    tok.enable_truncation(max_length=4)
+    tok.enable_padding(length=16, pad_id=0, pad_token="t0")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    text = " ".join(f"t{i}" for i in range(5, 15))
+    assert tokenizer_from_hf(tmp_path).encode(text).ids == list(range(5, 15))
+
+
+def test_gpt2_vocab_json_and_merges_txt_encode_as_transformers_does(tmp_path):
+    from lmforge.models.convert_tokenizer import tokenizer_from_hf
+    from lmforge.tokenizer import train
+
+    text = "Hello world, hello again! The quick brown fox jumps over the lazy dog. " * 20
+    train("bpe", [text], vocab_size=300, min_frequency=1).inner.model.save(str(tmp_path))
+    assert (tmp_path / "vocab.json").is_file() and (tmp_path / "merges.txt").is_file()
+    ref = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    ours = tokenizer_from_hf(tmp_path)
+    for sample in ["Hello world", "hello again!", " The lazy fox", "dog<|endoftext|>Hello"]:
+        assert ours.encode(sample).ids == ref(sample)["input_ids"], sample

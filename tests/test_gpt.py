@@ -222,3 +222,64 @@ def test_info_cli(capsys):
     out = capsys.readouterr().out
     assert "6N + 12" in out and "non-embedding" in out
     assert main(["model", "info", "no-such-preset"]) == 2
+
+
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_init_sets_every_norm_to_one_and_every_bias_to_zero(flavour):
+    """GPT-2 init: norms (ln1, ln2 and the final ln_f) start as the identity, biases at zero."""
+    m = _model(flavour)
+    norms = [(n, p) for n, p in m.named_parameters() if ".ln" in n or n.startswith("ln_f")]
+    assert any(n.startswith("ln_f") for n, _ in norms)
+    for name, p in norms:
+        assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
+    for name, p in m.named_parameters():
+        if name.endswith("bias"):
+            assert not p.any(), name
+
+
+def test_num_params_non_embedding_by_hand():
+    """GPT2 dict: per layer ln1 2d + qkv 3d^2+3d + o d^2+d + ln2 2d + fc 4d^2+4d + proj 4d^2+d = 12d^2 + 13d,
+    plus ln_f 2d; embeddings V d + T d; the tied head adds nothing."""
+    m = _model(GPT2)
+    d, L, V, T = 32, 2, 97, 32
+    non_emb = L * (12 * d * d + 13 * d) + 2 * d
+    assert m.num_params(non_embedding=True) == non_emb
+    assert m.num_params() == non_emb + V * d + T * d
+    u = _model(LLAMA)  # rope: no position table to leave out; the untied head is not an embedding
+    emb = 97 * 32
+    assert u.num_params(non_embedding=True) == u.num_params() - emb
+
+
+def test_left_padded_cached_decoding_matches_unpadded_recompute():
+    """RoPE reads position_ids: a left-padded prompt, prefilled into a cache and then decoded one token at
+    its own position, gives the logits of the same tokens run unpadded in one pass."""
+    m = _model(LLAMA)
+    x = torch.randint(1, 97, (1, 7))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), x[:, :6]], 1)
+    am = torch.tensor([[0, 0, 0] + [1] * 7])
+    cache = m.make_cache(1, 10)
+    with torch.no_grad():
+        m(padded, attention_mask=am[:, :9], position_ids=torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4, 5]]),
+          cache=cache)
+        step = m(x[:, 6:], attention_mask=am, position_ids=torch.tensor([[6]]), cache=cache)
+        full = m(x)
+    torch.testing.assert_close(step[:, -1], full[:, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_info_memory_and_step_flops_by_hand():
+    """gpt2-124m trained at T=512, micro-batch 4, 3 accumulation steps. Activations (Korthikanti et al.
+    2022, eq. 1): L * B * T * (34 d + 5 h T) bytes in 16-bit, twice that in fp32, plus fp32 logits
+    B * T * V * 4; FLOPs per step = per token x B x T x grad_accum."""
+    from lmforge.models.info import model_info
+    info = model_info(load_config("gpt2-124m", ["--data.seq_len=512", "--train.batch_size=4",
+                                                "--train.grad_accum=3"]))
+    L, B, T, d, h, V = 12, 4, 512, 768, 12, 50_257
+    act16 = L * B * T * (34 * d + 5 * h * T)
+    logits = B * T * V * 4
+    assert info["seq_len"] == T and info["params"] == 124_439_808
+    assert info["memory"]["fp32"]["activations"] == 2 * act16 + logits
+    assert info["memory"]["bf16"]["activations"] == act16 + logits
+    w = 124_439_808 * 4
+    assert info["memory"]["bf16"]["total"] == w + w + 2 * w + act16 + logits
+    per_token = 6 * (85_056_000 + V * d) + 12 * L * T * d
+    assert info["flops_per_token"] == per_token and info["flops_per_step"] == per_token * B * T * 3

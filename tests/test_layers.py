@@ -171,3 +171,40 @@ def test_packed_linear_equals_linear(dtype, bias):
         tol = 1e-5 if dtype == torch.float32 else 1e-2  # fp32: another summation order
         torch.testing.assert_close(got, want, atol=tol, rtol=0)
     assert not list(packed.parameters())  # inference only: nothing to train or save
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_make_norm_uses_the_configured_eps(norm):
+    """model.norm_eps reaches the norm: with eps 0.5 (far from any default) compare with the formula."""
+    from lmforge.models.layers import make_norm
+
+    x = torch.randn(2, 3, 16) * 0.3  # mean square ~0.09: eps 0.5 dominates, a default eps would not
+    got = make_norm(_cfg(d_model=16, n_head=2, norm=norm, norm_eps=0.5, bias=False))(x)
+    if norm == "rmsnorm":
+        ref = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 0.5)
+    else:
+        c = x - x.mean(-1, keepdim=True)
+        ref = c / torch.sqrt(c.pow(2).mean(-1, keepdim=True) + 0.5)
+    torch.testing.assert_close(got, ref)
+
+
+def test_kv_cache_can_be_filled_to_its_last_slot():
+    """A cache of 4 positions takes 3 + 1 = 4 writes and hands back exactly what was written."""
+    c = KVCache(1, 1, 1, 4, 2)
+    k1, k2 = torch.randn(1, 1, 3, 2), torch.randn(1, 1, 1, 2)
+    c.update(0, k1, k1)
+    c.advance(3)
+    k, v = c.update(0, k2, -k2)
+    assert k.shape == (1, 1, 4, 2)
+    torch.testing.assert_close(k, torch.cat([k1, k2], 2))
+    torch.testing.assert_close(v, torch.cat([k1, -k2], 2))
+
+
+def test_causal_bias_aligns_queries_to_the_last_positions():
+    """Two queries at positions 1, 2 of three keys: query 1 may not see key 2; query 2 sees all."""
+    from lmforge.models.layers import causal_bias
+
+    inf, cpu = float("-inf"), torch.device("cpu")
+    assert causal_bias(2, 3, torch.float32, cpu).tolist() == [[0.0, 0.0, inf], [0.0, 0.0, 0.0]]
+    square = [[0.0, inf, inf], [0.0, 0.0, inf], [0.0, 0.0, 0.0]]
+    assert causal_bias(3, 3, torch.float32, cpu).tolist() == square

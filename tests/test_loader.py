@@ -208,3 +208,22 @@ def test_nsp_documents_check_token_ids_too(tmp_path):
     assert docs.tokens(0) == [1, 2, 0]
     with pytest.raises(DataError, match="token id 65535 >= the tokenizer's vocab size 50"):
         docs.tokens(1)
+
+
+def test_the_first_id_past_the_vocabulary_is_caught(tmp_path):
+    """ids run 0 .. vocab_size - 1: an id equal to vocab_size is already outside the embedding."""
+    stream = np.arange(21) % 50
+    stream[15] = 50
+    write_shards(tmp_path, stream, [], vocab_size=50)
+    w = TokenWindows(tmp_path, "train", 10, 1, seed=0, shuffle=False)
+    assert next(w).max() == 10  # window 0: ids 0 .. 10
+    with pytest.raises(DataError, match="token id 50 >= the tokenizer's vocab size 50"):
+        next(w)
+
+
+def test_more_ranks_than_windows_is_a_data_error(shards):
+    root, _ = shards
+    w = TokenWindows(root, "train", seq_len=500, batch_size=1, seed=0, world_size=2)  # (1001 - 1) // 500 = 2
+    assert w.windows_per_epoch() == 1
+    with pytest.raises(DataError, match="too few for 3 window"):  # rank 2 would get no window at all
+        TokenWindows(root, "train", seq_len=500, batch_size=1, seed=0, rank=2, world_size=3)

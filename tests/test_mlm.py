@@ -550,3 +550,135 @@ def test_resume_refuses_another_seed_seq_len_or_data(shards, tmp_path, name):
         with pytest.raises(CheckpointError, match=f"data position was saved with {saved}.*start fresh"):
             stream.load_state_dict(state)
     objective(shards, name).stream("train", 4, seed=3).load_state_dict(state)  # the same setup resumes
+
+
+def test_a_row_of_only_special_tokens_gets_no_target():
+    """[CLS] [SEP] [PAD] are never selected, not even by the at-least-one-target rule."""
+    ids = torch.tensor([[CLS, SEP, PAD, PAD], [CLS, 7, SEP, PAD]])
+    for seed in range(10):
+        x, y = mask_tokens(ids, mask_id=MASK, special_ids=SPECIAL, random_ids=RANDOM, mlm_prob=0.01,
+                           generator=torch.Generator().manual_seed(seed))
+        assert (y[0] == IGNORE).all() and x[0].tolist() == ids[0].tolist()
+        assert y[1].tolist() == [IGNORE, 7, IGNORE, IGNORE]  # the one eligible token is the target
+
+
+def test_truncate_pair_on_a_tie_shortens_b_as_bert_does():
+    # BERT's truncate_seq_pair: `tokens_a if len(tokens_a) > len(tokens_b) else tokens_b`
+    assert truncate_pair([1, 2, 3], [4, 5, 6], 5) == ([1, 2, 3], [4, 5])
+    assert truncate_pair([1, 2, 3], [4, 5, 6], 4) == ([1, 2], [4, 5])
+
+
+def test_every_segment_is_used_once_random_b_puts_the_rest_back():
+    """Without truncation each segment of the document lands in exactly one A or true B: the segments a
+    random B displaced start the next chunk (BERT's create_instances_from_document)."""
+    segs = [[100 + 3 * s, 101 + 3 * s, 102 + 3 * s] for s in range(10)]
+    doc = sorted(t for s in segs for t in s)
+    randoms = 0
+    for seed in range(20):
+        # max_len 15: chunks of <= 4 segments = 12 tokens = max_len - 3, so nothing is ever truncated
+        pairs = nsp_pairs(0, segs, lambda e: [[900, 901]], np.random.default_rng(seed), max_len=15)
+        used = [t for a, b, lab in pairs for t in a + (b if lab == 0 else [])]
+        assert sorted(used) == doc, seed
+        randoms += sum(lab for _, _, lab in pairs)
+    assert randoms > 10
+
+
+class _Docs:
+    """A stand-in for SplitDocuments: document d owns ids d*100 + 10 .. (sentence ender 1)."""
+
+    def __init__(self, n):
+        self.segs = [[[d * 100 + 10 + 3 * s + k for k in range(3)] + [1] for s in range(6)] for d in range(n)]
+        self.stream = [0] * 1000
+
+    def __len__(self):
+        return len(self.segs)
+
+    def segments(self, i):
+        return self.segs[i]
+
+
+def _nsp_stream(docs, **kw):
+    import types
+
+    from lmforge.objectives.nsp import NSPStream
+
+    tok = types.SimpleNamespace(cls_id=CLS, sep_id=SEP, pad_id=PAD)
+    no_mask = lambda ids, seed: (ids, torch.full_like(ids, IGNORE))  # noqa: E731
+    args = dict(max_len=24, batch_size=4, seed=0, rank=0, world_size=1, shuffle=True, split="train")
+    return NSPStream(docs, no_mask, tok, **{**args, **kw})
+
+
+def _pairs(batches):
+    """(owner of A, owners of B, label) of every row: A = segment 0 without [CLS] / [SEP], B = segment 1."""
+    owner = lambda toks: {(t - 10) // 100 for t in toks if t not in (1, CLS, SEP, PAD)}  # noqa: E731
+    out = []
+    for b in batches:
+        for ids, tt, lab in zip(b["input_ids"], b["token_type_ids"], b["next_sentence_label"]):
+            a = [t for t, s in zip(ids.tolist(), tt.tolist()) if s == 0]
+            rest = [t for t, s in zip(ids.tolist(), tt.tolist()) if s == 1]
+            (oa,) = owner(a)
+            out.append((oa, owner(rest), int(lab)))
+    return out
+
+
+def test_nsp_stream_random_b_comes_from_another_document():
+    pairs = _pairs(take(_nsp_stream(_Docs(3)), 30))
+    assert sum(lab for _, _, lab in pairs) > 20
+    for a, b, lab in pairs:
+        assert b == {a} if lab == 0 else (len(b) == 1 and a not in b), (a, b, lab)
+
+
+def test_nsp_stream_ranks_split_the_documents_and_epochs_reshuffle():
+    docs = _Docs(8)
+    seen = [{a for a, _, _ in _pairs(_nsp_stream(docs, rank=r, world_size=2, epochs=1))} for r in (0, 1)]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(8))
+
+    def visits(epochs):  # the order documents are visited in, one entry per document
+        owners = [a for a, _, _ in _pairs(_nsp_stream(docs, batch_size=1, epochs=epochs))]
+        return [a for i, a in enumerate(owners) if i == 0 or owners[i - 1] != a]
+
+    one = visits(1)
+    assert sorted(one) == list(range(8))
+    assert visits(2) != one + one  # epoch 1 is a new permutation, as TokenWindows' epochs are
+
+
+def test_random_replacements_are_never_special_tokens(shards):
+    from lmforge.objectives.mlm import Masker
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(shards / "tok")
+    special = special_id_tensor(tok)
+    vocab = torch.arange(tok.vocab_size)
+    words = vocab[~torch.isin(vocab, special)]
+    ids = words[torch.randint(len(words), (400, 64), generator=torch.Generator().manual_seed(0))]
+    x, y = Masker(tok, mlm_prob=0.5, whole_word=False)(ids, seed=1)
+    sel = y != IGNORE
+    replaced = sel & (x != tok.mask_id) & (x != ids)
+    assert replaced.sum() > 500  # ~10% of ~12800 selected
+    assert not torch.isin(x[sel & (x != tok.mask_id)], special).any()
+
+
+def test_successive_mlm_batches_draw_new_masks(shards):
+    """Each batch's masking has its own seed: two batches do not select the same positions."""
+    tok = objective(shards, "mlm").tokenizer
+    b0, b1 = take(objective(shards, "mlm").stream("train", 4, seed=0), 2)
+    sel, eligible = [], []
+    for b in (b0, b1):
+        orig = torch.where(b["labels"] != IGNORE, b["labels"], b["input_ids"])
+        sel.append(b["labels"] != IGNORE)
+        eligible.append(~torch.isin(orig, special_id_tensor(tok)))
+    both = eligible[0] & eligible[1]
+    assert both.sum() > 100 and (sel[0][both] != sel[1][both]).any()
+
+
+def test_masker_never_selects_a_special_token_but_does_select_unk(shards):
+    """[PAD] [CLS] [SEP] [MASK] (a literal [MASK] in the text too) are never targets; [UNK] is a word."""
+    from lmforge.objectives.mlm import Masker
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(shards / "tok")
+    specials = [tok.pad_id, tok.cls_id, tok.sep_id, tok.mask_id]
+    ids = torch.tensor(specials + [tok.unk_id] * 4).repeat(200, 8)  # (200, 64)
+    _, y = Masker(tok, mlm_prob=0.5, whole_word=False)(ids, seed=0)
+    assert (y[torch.isin(ids, torch.tensor(specials))] == IGNORE).all()
+    assert (y[ids == tok.unk_id] == tok.unk_id).float().mean() > 0.4

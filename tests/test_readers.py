@@ -287,3 +287,26 @@ def test_gzip_cut_short_fails_while_streaming(tmp_path):
     assert len(next(docs)) == 400  # the first documents come out before the damage is reached
     with pytest.raises(DataError, match=r"big.jsonl.gz: not a valid gzip file \(Compressed file ended"):
         list(docs)
+
+
+def test_big_txt_is_not_cut_at_a_blank_line_before_chunk_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "SPLIT_BYTES", 10)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 20)
+    monkeypatch.setattr(readers, "HARD_CHUNK_BYTES", 100)
+    text = "ab\n\ncd\n\nefghijklmnopqrst\n\nuv\n"  # blank lines at 4, 8 (too early) and 26 bytes
+    write(tmp_path / "big.txt", text)
+    assert read(tmp_path / "big.txt")[0] == ["ab\n\ncd\n\nefghijklmnopqrst\n\n", "uv\n"]
+
+
+def test_hidden_files_and_gzipped_parquet_are_not_data(tmp_path):
+    write(tmp_path / "c/one.txt", "1")
+    write(tmp_path / "c/.notes.txt", "private")  # a hidden file, like the hidden folders
+    assert read(tmp_path / "c")[0] == ["1"]
+    write(tmp_path / "d.parquet.gz", b"\x1f\x8b")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read(tmp_path / "d.parquet.gz")
+
+
+def test_csv_numeric_column_with_empty_cells_stays_numeric(tmp_path):
+    write(tmp_path / "a.csv", "id,review,stars\n1,great,5\n2,bad,\n,meh,3\n")
+    assert read(tmp_path / "a.csv")[0] == ["great", "bad", "meh"]

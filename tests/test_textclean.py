@@ -58,3 +58,7 @@ def test_untag_words_drops_tags_with_digits_and_capitals():
 def test_dedup_labeled_by_hand():
     got = dedup_labeled({"pos": ["好", "好", "", "都行", "赞"], "neg": ["差", "都行", "差", "慢"]})
     assert got == {"pos": ["好", "赞"], "neg": ["差", "慢"]}
+
+
+def test_untag_words_drops_tags_ending_in_digits():
+    assert untag_words("江/nr1  泽民/nr2  ２/m  ３１日/t") == "江泽民２３１日"

@@ -322,3 +322,23 @@ def test_prompts_start_with_bos_where_the_tokenizer_says_so(toks, sequence):
     assert llama.encode_prompt("") == [1]
     bpe, _ = toks["bpe"]
     assert bpe.encode_prompt("hello") == bpe.encode("hello") and bpe.encode_prompt("") == [bpe.bos_id]
+
+
+def test_vocab_size_is_the_largest_id_plus_one_even_with_gaps():
+    """A tokenizer.json whose ids skip numbers (an HF file with reserved slots) needs an embedding of
+    max id + 1 rows, not one row per token."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models
+
+    inner = HFTok(models.WordLevel({"<unk>": 0, "a": 1, "b": 7}, unk_token="<unk>"))
+    inner.add_special_tokens(["</s>"])  # `tokenizers` gives it the next count, 3, inside the gap
+    tok = Tokenizer(inner)
+    assert tok.token_to_id("</s>") == 3 == tok.eos_id
+    assert tok.vocab_size == 8 and tok.encode("b") == [7]
+
+
+def test_vocab_size_floor_is_exclusive():
+    """bpe: 3 specials + 256 byte tokens + room for one merge at least: 259 is refused, 260 trains."""
+    with pytest.raises(ConfigError, match="--vocab-size 259 is too small for bpe; use more than 259"):
+        train("bpe", ["abc abc"], vocab_size=259)
+    assert train("bpe", ["abc abc"] * 5, vocab_size=260).vocab_size <= 260
