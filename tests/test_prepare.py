@@ -305,3 +305,44 @@ def test_out_is_replaced_only_when_it_holds_nothing_but_shards(bpe, corpus, tmp_
     with pytest.raises(DataError, match=r"is not a shard folder \(it holds train/mine.txt\)"):
         prepare([], bpe, shards, documents=corpus[:5], progress=False)
     assert (shards / "train" / "mine.txt").read_text() == "kept"
+
+
+def test_a_lone_document_is_cut_into_about_the_pieces_asked_for():
+    from lmforge.data.prepare import split_lone_document
+
+    text = "".join(f"Paragraph {i}: some words here.\n\n" for i in range(200))
+    for pieces in (4, 16):
+        docs = list(split_lone_document([text], pieces=pieces))
+        assert "".join(docs) == text  # cut at blank lines, nothing lost
+        assert pieces / 2 <= len(docs) <= pieces + 1, (pieces, len(docs))
+        assert all(d.endswith("\n\n") for d in docs)
+
+
+def test_two_workers_keep_document_order_over_many_batches(bpe, corpus, tmp_path, monkeypatch):
+    """Results come back from the pool in submission order, up to the last batches in flight."""
+    monkeypatch.setattr("lmforge.data.prepare.BATCH_CHARS", 5000)  # dozens of batches
+    for name, workers in (("w1", 1), ("w2", 2)):
+        prepare([], bpe, tmp_path / name, workers=workers, documents=corpus, progress=False)
+    for split in ("train", "val"):
+        a, b = read_split(tmp_path / "w1", split), read_split(tmp_path / "w2", split)
+        assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
+
+
+def test_a_rerun_replaces_the_folder_and_leaves_nothing_beside_it(bpe, corpus, tmp_path):
+    for _ in range(3):
+        prepare([], bpe, tmp_path / "out", documents=corpus[:5], progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_65536_token_vocabulary_fits_uint16(tmp_path):
+    """ids 0 .. 65,535 are exactly uint16's range: the largest id is stored and read back as itself."""
+    inner = HF(models.WordLevel({f"w{i}": i for i in range(65535)}, unk_token="w0"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    inner.add_special_tokens(["</s>"])  # id 65535: vocab size 65,536
+    Tokenizer(inner).save(tmp_path / "tok")
+    assert Tokenizer.load(tmp_path / "tok").vocab_size == 2**16
+    for dtype in ("auto", "uint16"):
+        meta = prepare([], tmp_path / "tok", tmp_path / dtype, val_fraction=0, dtype=dtype,
+                       documents=["w65534 w7"], progress=False)
+        ids, _ = read_split(tmp_path / dtype, "train")
+        assert meta["dtype"] == "uint16" and ids.tolist() == [65534, 7, 65535]

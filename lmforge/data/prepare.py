@@ -6,7 +6,7 @@ Output (the folder appears only when complete; meta.json is the completion mark)
 
     OUT/meta.json               dtype, vocab_size, tokenizer_hash, eos_id, separator_id, splits, sources
     OUT/tokenizer.json          copy of the tokenizer used
-    OUT/train/shard-00000.bin   raw little-endian uint16 (vocab <= 65,535) or uint32 token ids;
+    OUT/train/shard-00000.bin   raw little-endian uint16 (vocab <= 65,536) or uint32 token ids;
                                 every document is followed by separator_id (eos, or [SEP] for WordPiece)
     OUT/train/docs.npy          int64 start offset of each document in the split's concatenated stream
     OUT/val/...
@@ -316,10 +316,10 @@ def _chain(*its: Iterable) -> Iterator:
 
 def _pick_dtype(dtype: str, vocab_size: int) -> str:
     if dtype == "auto":
-        return "uint16" if vocab_size <= 65535 else "uint32"
+        return "uint16" if vocab_size <= 2**16 else "uint32"  # ids 0 .. 65535
     if dtype not in ("uint16", "uint32"):
         raise ConfigError(f"--dtype {dtype} is not valid; choose auto, uint16 or uint32")
-    if dtype == "uint16" and vocab_size > 65535:
+    if dtype == "uint16" and vocab_size > 2**16:
         raise ConfigError(f"vocab size {vocab_size:,} does not fit uint16; use --dtype uint32 (or auto)")
     return dtype
 
