@@ -158,7 +158,8 @@ def test_a_diverged_quickstart_says_what_to_rerun_and_names_no_checkpoint_it_put
     over an earlier output, X was the new run's and is gone once the earlier output is back."""
     corpus = _corpus(tmp_path)
     out = tmp_path / "qs"
-    args = ["quickstart", "--data", str(corpus), "--out", str(out), "--preset", "gpt-tiny", "--vocab-size", "300"]
+    args = ["quickstart", "--data", str(corpus), "--out", str(out), "--preset", "gpt-tiny",
+            "--vocab-size", "300"]
     diverge = ["--steps", "8", "--train.lr=1e9", "--train.warmup_steps=0", "--train.save_every=1"]
     assert main([*args, *diverge]) == 2  # a first run: its kept checkpoints are replaced by the next run
     err = capsys.readouterr().err
