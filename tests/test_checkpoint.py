@@ -265,7 +265,9 @@ def test_resume_follows_the_configs_optimizer_settings(tmp_path):
     lambda s: {**s, "stream": {}},
     lambda s: {**s, "stream": {"epoch": 0}},  # not this stream's position (ListStream reads "pos")
     lambda s: {**s, "rng": {"torch": 1}},
-], ids=["no-keys", "list", "step-str", "micro-no-grads", "optimizer", "stream-empty", "stream-keys", "rng"])
+    lambda s: {**s, "micro": -1, "grads": {}},  # a negative micro-batch count, even with grads beside it
+], ids=["no-keys", "list", "step-str", "micro-no-grads", "optimizer", "stream-empty", "stream-keys", "rng",
+        "micro-negative"])
 def test_a_malformed_trainer_state_is_set_aside_like_a_corrupt_one(tmp_path, capsys, spoil):
     """A trainer_state.pt that unpickles but lacks what resume reads is as unusable as a corrupt one."""
     cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2, keep_last=2)
@@ -296,3 +298,59 @@ def test_another_models_optimizer_state_is_a_one_line_error(tmp_path):
                                               " this model") as e:
         make_trainer(cfg).fit(resume=True)
     assert "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation-audit additions
+
+
+def test_keep_last_zero_keeps_every_checkpoint(tmp_path):
+    """train.keep_last=0 (allowed by the config) prunes nothing."""
+    cfg = tiny_cfg(tmp_path, max_steps=3, save_every=1, keep_last=0)
+    make_trainer(cfg).fit()
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "run")] == ["step-000001", "step-000002",
+                                                                       "step-000003"]
+
+
+def test_resume_from_weights_that_lack_a_tensor_is_a_clear_error(tmp_path):
+    """A checkpoint whose model.safetensors misses a tensor must not resume with that tensor's fresh init."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+    path = tmp_path / "run" / "checkpoints" / "step-000002" / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["ln_f.bias"]
+    save_file(tensors, path)
+    cfg.train.max_steps = 3
+    with pytest.raises(CheckpointError, match=r"step-000002/model.safetensors lacks 'ln_f.bias'"):
+        make_trainer(cfg).fit(resume=True)
+
+
+def test_reading_checkpoints_leaves_the_global_rng_alone(tmp_path):
+    """latest_good tries each state's RNG to see that it loads; the caller's RNG streams go on unchanged."""
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+
+    def draws():
+        return random.random(), np.random.rand(), torch.rand(2).tolist()
+
+    def seed():
+        random.seed(7)
+        np.random.seed(7)
+        torch.manual_seed(7)
+
+    seed()
+    expected = draws()
+    seed()
+    ck.latest_good(tmp_path / "run")
+    assert draws() == expected
+
+
+def test_list_checkpoints_counts_folders_only(tmp_path):
+    """A stray file named like a checkpoint (a copy gone wrong) is neither resumed from nor pruned."""
+    cfg = tiny_cfg(tmp_path, max_steps=1)
+    make_trainer(cfg).fit()
+    (tmp_path / "run" / "checkpoints" / "step-000009").write_text("not a checkpoint")
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "run")] == ["step-000001"]
+    assert ck.latest_good(tmp_path / "run")[0].name == "step-000001"

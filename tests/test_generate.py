@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
 from lmforge.errors import ConfigError
@@ -376,3 +377,152 @@ def test_generate_without_cuda_names_its_own_device_flag(tmp_path, monkeypatch, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["generate", str(run), "the cat", "--device", "cuda"]) == 2
     assert "use --device=cpu" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation-audit additions
+
+
+class Scripted(torch.nn.Module):
+    """A mock model: row r's favourite next token at decoding step s is script[r][s] (then 0)."""
+
+    def __init__(self, script, vocab_size=10):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=vocab_size, max_seq_len=64, n_layer=1, n_head=1, d_model=4)
+        self.dummy = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.script, self.step = script, 0
+
+    def make_cache(self, batch_size, max_len):
+        return None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False):
+        logits = torch.zeros(input_ids.shape[0], 1, self.cfg.vocab_size)
+        for r, seq in enumerate(self.script):
+            logits[r, 0, seq[self.step] if self.step < len(seq) else 0] = 1.0
+        self.step += 1
+        return logits
+
+
+class RepeatLast(torch.nn.Module):
+    """A mock model: each row's next token is its last input token (prompts repeat their last word)."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.cfg = ModelConfig(vocab_size=vocab_size, max_seq_len=64, n_layer=1, n_head=1, d_model=4)
+        self.dummy = torch.nn.Parameter(torch.zeros(1), requires_grad=False)
+        self.calls = 0
+
+    def make_cache(self, batch_size, max_len):
+        return None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, last_only=False):
+        self.calls += 1
+        return F.one_hot(input_ids[:, -1:], self.cfg.vocab_size).float() * 5.0
+
+
+def test_eos_ends_its_row_and_only_its_row():
+    """Tokens the model would produce after eos are not output; the other row runs on to its limit."""
+    m = Scripted([[3, 9, 4, 5, 6, 7], [3, 4, 5, 6, 7, 8]])
+    streamed = []
+    out = generate(m, [[1], [1, 2]], max_new_tokens=6, temperature=0, eos_id=9,
+                   on_token=lambda i, t: streamed.append((i, t)))
+    assert out == [[3], [3, 4, 5, 6, 7, 8]]
+    assert [t for i, t in streamed if i == 0] == [3]  # eos itself is not streamed either
+
+
+def test_seed_zero_is_a_seed_like_any_other():
+    """seed=0 must not fall back to the global RNG (a truthiness test on the seed would)."""
+    m = FixedLogits([0.0] * 50)
+    torch.manual_seed(1)
+    a = generate(m, [[1]], max_new_tokens=30, seed=0)
+    torch.manual_seed(2)
+    assert generate(m, [[1]], max_new_tokens=30, seed=0) == a
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 2, 0.6), (2.0, None, 0.7), (0.5, 3, 0.9)])
+def test_sampling_draws_from_what_the_hf_warper_chain_keeps(temperature, top_k, top_p):
+    """temperature -> top-k -> top-p, the order HF's generate applies its warpers in: the tokens drawn
+    are exactly those HF keeps, at HF's probabilities. (Probabilities 0.5, 0.22, 0.18, 0.1: top-k 2 then
+    top-p 0.6 keeps one token, top-p first would keep two; temperature 2 before top-p 0.7 keeps three,
+    after it two.)"""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+    logits = torch.tensor([[0.5, 0.22, 0.18, 0.1]]).log()
+    ref = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k is not None:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    ref = TopPLogitsWarper(top_p)(None, ref).softmax(-1)[0]
+    n = 4000
+    g = torch.Generator().manual_seed(0)
+    drawn = sample_next(logits.expand(n, -1), temperature, top_k, top_p, g)
+    freq = torch.bincount(drawn, minlength=4).float() / n
+    assert set(drawn.tolist()) == set(torch.nonzero(ref).flatten().tolist())
+    torch.testing.assert_close(freq, ref, atol=0.03, rtol=0)  # 4000 draws: std <= 0.008
+
+
+class _PieceTok:
+    """A stand-in tokenizer whose ids decode to whole strings."""
+
+    pieces = ["ab", "\ncd END", " more"]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_text_stream_cuts_at_the_earliest_of_several_stop_strings():
+    """One token can complete two stop strings at once; the text ends before the earlier one."""
+    for stops in (["END", "\n"], ["\n", "END"]):
+        pieces = []
+        s = TextStream(_PieceTok(), stop=stops, write=pieces.append)
+        for t in (0, 1, 2):
+            s.push(t)
+        assert s.stopped and s.finish() == "ab" and "".join(pieces) == "ab"
+
+
+def test_api_stop_strings_end_only_their_own_row(tmp_path):
+    """A row that meets its stop string ends there (no more forward passes for it); the other rows of
+    the batch decode on exactly as they would alone."""
+    from lmforge import api
+
+    _, tok = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    cat, mat = tok.encode_prompt("the cat")[-1], tok.encode_prompt("the mat")[-1]
+    stop = tok.decode([cat]).strip()
+    assert stop and stop not in tok.decode([mat] * 6)
+    alone = api.generate(RepeatLast(tok.vocab_size), tok, "the mat", max_new_tokens=6, temperature=0)
+    assert alone == tok.decode([mat] * 6)
+    both = api.generate(RepeatLast(tok.vocab_size), tok, ["the cat", "the mat"], max_new_tokens=6,
+                        temperature=0, stop=[stop])
+    assert both == [tok.decode([cat]).split(stop)[0], alone]
+    m = RepeatLast(tok.vocab_size)
+    api.generate(m, tok, "the cat", max_new_tokens=6, temperature=0, stop=[stop])
+    assert m.calls == 1  # the prefill only: the first new token met the stop string
+
+
+def test_api_empty_prompt_starts_from_bos(tmp_path):
+    """encode_prompt gives an empty prompt its bos token, so generation has something to continue."""
+    from lmforge import api
+
+    _, tok = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    mat = tok.encode_prompt("the mat")[-1]
+    model = FixedLogits([5.0 if i == mat else 0.0 for i in range(tok.vocab_size)])
+    assert api.generate(model, tok, "", max_new_tokens=2, temperature=0) == tok.decode([mat, mat])
+    assert model.calls[0] == (1, 1)  # the prefill saw bos alone
+
+
+def test_top_k_larger_than_the_vocab_filters_nothing():
+    m = FixedLogits([0.0, 0.1, 0.2, 0.3, 0.4])
+    out = generate(m, [[0]] * 40, max_new_tokens=10, top_k=50, seed=0)
+    assert {t for row in out for t in row} == {0, 1, 2, 3, 4}
+
+
+def test_any_seed_torch_generator_takes_is_accepted():
+    """torch.Generator.manual_seed takes -(2**63) .. 2**64 - 1; each such seed is reproducible."""
+    m = FixedLogits([0.0] * 50)
+    for seed in (-1, -(2**63), 2**63, 2**64 - 1):
+        first = generate(m, [[1]], max_new_tokens=5, seed=seed)
+        assert generate(m, [[1]], max_new_tokens=5, seed=seed) == first
+    with pytest.raises(ConfigError, match="seed must fit in 64 bits"):
+        generate(m, [[1]], seed=2**64)

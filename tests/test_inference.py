@@ -219,3 +219,17 @@ def test_an_hf_folder_without_tokenizer_is_one_line(tok, tmp_path, capsys):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and "has no tokenizer" in err and err.count("\n") == 1, err
+
+
+def test_embed_truncates_a_text_longer_than_the_context_like_hf(tok):
+    """[CLS] + the first max_seq_len - 2 tokens + [SEP], as HF's tokenizer(truncation=True) cuts it."""
+    ours, hf = make_pair(tok, "none", seed=2)
+    texts = [" ".join(TEXTS * 3), TEXTS[0]]
+    enc = hf_tokenizer(tok)(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    assert int(enc["attention_mask"][0].sum()) == 64  # the first text was cut
+    with torch.no_grad():
+        h = hf(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    for pooling, ref in (("mean", (h * m).sum(1) / m.sum(1)), ("cls", h[:, 0])):
+        got = embed(ours, tok, texts, pooling=pooling)
+        np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)

@@ -69,3 +69,25 @@ def test_schedule_is_a_pure_function_of_step():
     backward = [lr_at(s, t) for s in reversed(range(120))][::-1]
     assert forward == backward
     assert max(forward) == pytest.approx(1e-3) and min(forward[10:]) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach", "loop"])
+def test_second_adamw_step_uses_both_betas(impl):
+    """Step 1 of Adam is sign(g) whatever the betas; step 2, written out by hand, depends on each of them."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    b1, b2, lr, wd, eps = 0.9, 0.95, 0.1, 0.5, 1e-8
+    opt = build_optimizer(model, TrainConfig(lr=lr, weight_decay=wd, beta1=b1, beta2=b2, eps=eps), impl=impl)
+    w, b = model.weight.detach().clone(), model.bias.detach().clone()
+    g1, g2 = 0.2, -0.4
+    for g in (g1, g2):
+        model.weight.grad = torch.full_like(w, g)
+        model.bias.grad = torch.full_like(b, g)
+        opt.step()
+    m = b1 * (1 - b1) * g1 + (1 - b1) * g2  # moments after two steps
+    v = b2 * (1 - b2) * g1**2 + (1 - b2) * g2**2
+    upd2 = (m / (1 - b1**2)) / (math.sqrt(v / (1 - b2**2)) + eps)  # -0.3634 (with beta2 = beta1: -0.3605)
+    upd1 = g1 / (abs(g1) + eps)
+    w1 = w * (1 - lr * wd) - lr * upd1  # decoupled decay, then the Adam update
+    torch.testing.assert_close(model.weight.detach(), w1 * (1 - lr * wd) - lr * upd2)
+    torch.testing.assert_close(model.bias.detach(), b - lr * upd1 - lr * upd2)

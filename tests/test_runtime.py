@@ -64,3 +64,51 @@ def test_pick_device_checks_cuda_and_its_index(monkeypatch):
     msg = r"has 1 CUDA device\(s\) \(cuda:0..cuda:0\); use --train.device=cuda:0"
     with pytest.raises(ConfigError, match=msg):
         runtime.pick_device("cuda:3")
+
+
+def test_autocast_is_bf16_for_bf16_and_off_for_fp32():
+    cpu = torch.device("cpu")
+    a = torch.randn(4, 4)
+    with runtime.autocast(cpu, "bf16"):
+        assert (a @ a).dtype == torch.bfloat16
+    with runtime.autocast(cpu, "fp32"):
+        assert (a @ a).dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("name, bf16", [("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A10", 125e12),
+                                        ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA L4", 121e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA GeForce RTX 4090", 165e12)])
+def test_peak_flops_cuda_reads_the_datasheet_dense_bf16_figure(monkeypatch, name, bf16):
+    """NVIDIA's dense bf16 tensor-core peaks; fp32 (TF32) is half. "A10" must not catch an A100."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda")
+    assert runtime.peak_flops(cuda, "bf16") == bf16
+    assert runtime.peak_flops(cuda, "fp32") == bf16 / 2
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    import random
+
+    import numpy as np
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(1).item()
+
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+    expected = draws()
+    runtime.seed_everything(11)
+    assert draws() == expected
+    runtime.seed_everything(2**32 + 11)  # numpy takes 32-bit seeds: the same numpy stream
+    assert draws()[1] == expected[1]
+
+
+def test_pick_device_refuses_an_index_equal_to_the_device_count(monkeypatch):
+    from lmforge.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runtime.pick_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(ConfigError, match=r"has 2 CUDA device\(s\) \(cuda:0..cuda:1\)"):
+        runtime.pick_device("cuda:2")

@@ -645,3 +645,203 @@ def test_eval_cli_bad_input_is_one_line(shards, tmp_path, capsys):
         err = io.err.strip()
         assert code == 2 and err.count("\n") == 0 and err.startswith("error:"), (extra, err)
         assert message in err, (extra, err)
+
+
+# ---------------------------------------------------------------------------------------------
+# mutation-audit additions: what the optimizer step really does, stops, metrics, precision
+
+
+def _spy_on_steps(trainer):
+    """Record, at each optimizer.step(), every group's lr and the global norm of the grads it applies."""
+    seen, real = [], trainer.optimizer.step
+
+    def step(*args, **kwargs):
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+        seen.append(([g["lr"] for g in trainer.optimizer.param_groups], norm))
+        return real(*args, **kwargs)
+
+    trainer.optimizer.step = step
+    return seen
+
+
+def test_every_optimizer_step_runs_at_the_scheduled_lr(tmp_path):
+    cfg = tiny_cfg(tmp_path, max_steps=6, warmup_steps=2, schedule="cosine")
+    trainer = make_trainer(cfg)
+    seen = _spy_on_steps(trainer)
+    trainer.fit()
+    assert [lrs for lrs, _ in seen] == [[pytest.approx(lr_at(s, cfg.train))] * 2 for s in range(6)]
+    assert len({lrs[0] for lrs, _ in seen}) == 5  # half the peak, the peak (twice), then 3 decaying values
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.0])
+def test_grads_are_clipped_to_grad_clip_before_the_step(tmp_path, clip):
+    """The logged grad_norm is the norm before clipping; the step applies grads of norm <= grad_clip
+    (0 = no clipping)."""
+    cfg = tiny_cfg(tmp_path, max_steps=3, grad_clip=clip)
+    trainer = make_trainer(cfg)
+    seen = _spy_on_steps(trainer)
+    trainer.fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(ln)["grad_norm"] for ln in lines if "grad_norm" in ln]
+    assert min(logged) > 0.5  # a fresh model's gradients are far above the clip
+    for raw, (_, applied) in zip(logged, seen, strict=True):
+        assert applied == pytest.approx(min(raw, clip) if clip else raw, rel=1e-4)
+
+
+def test_inf_grads_in_a_full_cycle_stop_the_run_at_that_step(tmp_path):
+    """A finite loss with an infinite gradient: caught at that step, before AdamW writes NaN weights."""
+    cfg = tiny_cfg(tmp_path, max_steps=10, save_every=2)
+    trainer = make_trainer(cfg)
+    real_loss, calls = trainer.objective.loss, []
+
+    def inf_grad(model, batch):  # the single micro-batch of step 3
+        calls.append(1)
+        loss_sum, n = real_loss(model, batch)
+        if len(calls) == 3:
+            w = next(model.parameters())
+            w.grad = torch.full_like(w, float("inf"))
+        return loss_sum, n
+
+    trainer.objective.loss = inf_grad
+    with pytest.raises(TrainingError, match=r"diverged at step 3: grad norm is inf; last good checkpoint: "
+                                            r".*step-000002"):
+        trainer.fit()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_mfu_divides_by_the_configured_peak_flops(tmp_path):
+    from lmforge.models.info import flops_per_token
+
+    cfg = tiny_cfg(tmp_path, max_steps=2, peak_flops=1e9)
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    fpt = flops_per_token(trainer.model.cfg, trainer.model, SEQ)
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recs = [r for r in recs if "mfu" in r]
+    assert len(recs) == 2
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e9) for r in recs)
+
+
+def test_resume_keeps_each_steps_metrics_once(tmp_path):
+    """A run killed after logging steps 3-4 but before their checkpoint: the resumed run (from step 2)
+    logs 3-4 again, and metrics.jsonl then holds every step exactly once, the checkpoint's own included."""
+    import shutil
+
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2, keep_last=2)
+    make_trainer(cfg).fit()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004")
+    make_trainer(cfg).fit(resume=True)
+    recs = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in recs if "val_loss" in r] == [4]
+
+
+def test_mid_cycle_resume_logs_the_same_step_loss_as_never_stopping(tmp_path):
+    """The logged loss of the cycle that was cut includes the micro-batches done before the stop."""
+    def step_losses(run):
+        recs = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+    train = dict(max_steps=3, grad_accum=3)
+    make_trainer(tiny_cfg(tmp_path / "ref", **train)).fit()
+    cfg = tiny_cfg(tmp_path / "cut", **train)
+    first = make_trainer(cfg)
+    first.should_stop = lambda step, micro: (step, micro) == (1, 2)  # 2 of step 2's 3 micro-batches done
+    first.fit()
+    make_trainer(cfg, init_seed=123).fit(resume=True)
+    ref, got = step_losses(tmp_path / "ref" / "run"), step_losses(tmp_path / "cut" / "run")
+    assert list(got) == [1, 2, 3]
+    assert got == pytest.approx(ref, rel=1e-6)
+
+
+@pytest.mark.parametrize("key, value", [("grad_accum", 2), ("batch_size", 3)])
+def test_a_mid_cycle_checkpoint_resumes_only_with_its_cycle_shape(tmp_path, key, value):
+    cfg = tiny_cfg(tmp_path, max_steps=4, grad_accum=3)
+    first = make_trainer(cfg)
+    first.should_stop = lambda step, micro: (step, micro) == (1, 1)
+    first.fit()
+    setattr(cfg.train, key, value)
+    saved = getattr(tiny_cfg(tmp_path, grad_accum=3).train, key)
+    with pytest.raises(ck.CheckpointError, match=rf"cannot resume step-000001-micro-1 mid-cycle with "
+                                                 rf"train.{key}={value}; it was saved with {saved}"):
+        make_trainer(cfg).fit(resume=True)
+
+
+def test_max_time_is_checked_between_optimizer_steps_only(tmp_path):
+    """The docstring's rule: max_time never cuts an accumulation cycle (a stop hook or Ctrl-C may)."""
+    cfg = tiny_cfg(tmp_path, max_steps=50, max_time=0.0, grad_accum=3)
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    assert trainer.step == 1
+    assert [p.name for p in ck.list_checkpoints(tmp_path / "run")] == ["step-000001"]
+
+
+def test_a_run_that_reached_max_steps_does_not_say_to_resume(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, max_steps=1, max_time=0.0)  # time is up exactly when the run is done
+    make_trainer(cfg).fit()
+    assert "continue with --resume" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_train_and_eval_run_under_the_configured_precision_and_mode(tmp_path, dtype):
+    """train.dtype=bf16: every loss (training and the periodic eval) runs under bf16 autocast; fp32: none.
+    Eval runs in eval mode, and training goes on in train mode after it."""
+    cfg = tiny_cfg(tmp_path, dtype=dtype, max_steps=2, eval_every=1, eval_steps=1)
+    trainer = make_trainer(cfg)
+    real_loss, seen = trainer.objective.loss, []
+
+    def spy(model, batch):
+        cast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        seen.append((model.training, cast))
+        return real_loss(model, batch)
+
+    trainer.objective.loss = spy
+    trainer.fit()
+    cast = torch.bfloat16 if dtype == "bf16" else None
+    assert seen == [(True, cast), (False, cast)] * 2
+
+
+def test_evaluate_scores_max_batches_like_an_outside_reference(tmp_path):
+    from lmforge.train.evaluate import evaluate
+
+    cfg = tiny_cfg(tmp_path)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    obj = Synthetic(cfg, pad=True)
+    stream = obj.stream("val", 3, 0)
+    batches = [next(stream) for _ in range(3)]
+    out = evaluate(model, obj, iter(batches), torch.device("cpu"), "fp32", max_batches=2)
+    assert model.training  # put back in the mode it came in
+    x = torch.cat([b["input_ids"] for b in batches[:2]])
+    y = torch.cat([b["labels"] for b in batches[:2]])
+    with torch.no_grad():
+        ref = F.cross_entropy(model.eval()(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    assert out["targets"] == int((y != -100).sum())
+    assert out["loss"] == pytest.approx(ref.item(), rel=1e-6)
+    assert out["ppl"] == pytest.approx(math.exp(ref.item()), rel=1e-6)
+
+
+def test_bits_per_byte_of_a_decoded_tokenizer_leaves_out_special_tokens():
+    """WordPiece has no byte table: targets are decoded, and [CLS] / [SEP] stand for no bytes."""
+    from lmforge import tokenizer as tk
+    from lmforge.config import load_config
+
+    tok = tk.train("wordpiece", ["the cat sat on the mat"] * 20, vocab_size=60)
+    assert tok.byte_lengths() is None
+    obj = CausalLM(load_config("gpt-tiny"), tok)
+    labels = torch.tensor([[tok.cls_id, *tok.encode("the cat sat"), tok.sep_id, -100]])
+    assert obj.eval_stats({"labels": labels}) == {"bytes": len(b"the cat sat")}
+
+
+def test_bits_per_byte_byte_table_skips_unscored_positions():
+    """-100 positions count no bytes, also when id 0 is a real token (GPT-2's id 0 is '!', 1 byte)."""
+    class ByteTableTok:
+        def byte_lengths(self):
+            return [1, 2, 3, 4]  # id i stands for i + 1 bytes
+
+    from lmforge.config import load_config
+
+    obj = CausalLM(load_config("gpt-tiny"), ByteTableTok())
+    labels = torch.tensor([[0, 3, -100], [2, -100, -100]])
+    assert obj.eval_stats({"labels": labels}) == {"bytes": 1 + 4 + 3}
