@@ -510,12 +510,15 @@ def test_bad_run_dir_export_is_one_line_error_and_no_output(bad, tmp_path, capsy
 
 
 @pytest.mark.parametrize("case,key", [("gpt2", "activation_function"), ("bert-mlm", "hidden_act"),
-                                      ("llama-gqa-tied", "hidden_act")])
-def test_absent_activation_key_means_what_transformers_assumes(case, key, tmp_path):
-    """GPT2Config defaults activation_function to gelu_new (tanh), BertConfig hidden_act to gelu (erf)."""
+                                      ("llama-gqa-tied", "hidden_act"), ("gpt2", "tie_word_embeddings"),
+                                      ("llama-gqa-untied", "tie_word_embeddings"),
+                                      ("bert-mlm", "tie_word_embeddings")])
+def test_absent_config_key_means_what_transformers_assumes(case, key, tmp_path):
+    """GPT2Config defaults activation_function to gelu_new (tanh), BertConfig hidden_act to gelu (erf);
+    GPT2Config and BertConfig tie the LM head by default, LlamaConfig does not."""
     make_hf(case, tmp_path / "hf", initializer_range=0.3)  # large activations: the two GELUs differ visibly
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    cfg.pop(key)
+    cfg.pop(key, None)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
     hf = getattr(transformers, CASES[case][3]).from_pretrained(tmp_path / "hf").eval()
     model, _ = convert.load_hf(tmp_path / "hf")
@@ -958,19 +961,6 @@ def test_non_default_config_values_travel_both_ways(case, build, edit, tmp_path)
     convert.export_hf(tmp_path / "run", tmp_path / "back")
     again = auto.from_pretrained(tmp_path / "back").eval()
     assert_same(want, hf_outputs(again, case, ids, mask, types), mask)
-
-
-@pytest.mark.parametrize("case", ["gpt2", "llama-gqa-untied", "bert-mlm"])
-def test_absent_tie_key_means_what_transformers_assumes(case, tmp_path):
-    """GPT2Config and BertConfig tie the LM head by default, LlamaConfig does not."""
-    make_hf(case, tmp_path / "hf")
-    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    cfg.pop("tie_word_embeddings", None)
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
-    hf = getattr(transformers, CASES[case][3]).from_pretrained(tmp_path / "hf").eval()
-    model, _ = convert.load_hf(tmp_path / "hf")
-    ids, mask, types = inputs()
-    assert_same(hf_outputs(hf, case, ids, mask, types), our_outputs(model, case, ids, mask, types), mask)
 
 
 def test_tf_era_bert_layernorm_gamma_beta_names_import(tmp_path):
