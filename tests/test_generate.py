@@ -313,6 +313,11 @@ def test_cli_and_api(tmp_path, capsys):
     assert main(["generate", str(run), full, "--max-new-tokens", "3"]) == 0  # nothing to add: says so
     captured = capsys.readouterr()
     assert captured.out == "\n" and "note: the prompt fills the model's context (48 tokens)" in captured.err
+    over = next(p for p in (" ".join(["the"] * k) for k in range(40, 60)) if len(tok2.encode_prompt(p)) == 49)
+    assert main(["generate", str(run), over, "--max-new-tokens", "3"]) == 2  # one token too many
+    err = capsys.readouterr().err
+    assert err.startswith("error: the prompt is 49 tokens but the model's context is 48")
+    assert err.count("\n") == 1
     # bad decoding flags: one line naming the flag, checked before the model is loaded
     for flag, value, message in [("--max-new-tokens", "-1", "--max-new-tokens must be >= 1, got -1"),
                                  ("--max-new-tokens", "0", "--max-new-tokens must be >= 1, got 0"),
@@ -526,3 +531,57 @@ def test_any_seed_torch_generator_takes_is_accepted():
         assert generate(m, [[1]], max_new_tokens=5, seed=seed) == first
     with pytest.raises(ConfigError, match="seed must fit in 64 bits"):
         generate(m, [[1]], seed=2**64)
+
+
+def test_cli_sampling_flags_reach_the_sampler(tmp_path, capsys):
+    """Each decoding flag changes the text, and the CLI's text is the API's with the same settings."""
+    from lmforge import api
+    from lmforge.cli import main
+
+    run, _ = _run_dir(tmp_path, dict(GPT2, vocab_size=320))  # 20 embedding rows past the tokenizer's 300
+    flags = dict(max_new_tokens=8, temperature=0.1, top_k=10, top_p=0.8, repetition_penalty=1.5, seed=11)
+    argv = [x for k, v in flags.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert main(["generate", str(run), "the cat", *argv]) == 0
+    model, tok = api.load(run, pack=True)  # as the CLI runs on a CPU
+    text = api.generate(model, tok, "the cat", **flags)
+    assert capsys.readouterr().out == text + "\n"
+    off = dict(top_k=None, top_p=None, repetition_penalty=1.0, seed=12, temperature=1.0, max_new_tokens=4)
+    for key, value in off.items():  # so a flag the CLI dropped would show
+        assert api.generate(model, tok, "the cat", **{**flags, key: value}) != text, key
+
+
+def test_cli_stops_at_the_tokenizers_eos(tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.models.store import load_model, save_model
+
+    run, tok = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    model = load_model(run)
+    with torch.no_grad():  # the final norm outputs eos's embedding, whatever the input: greedy picks eos
+        model.tok_emb.weight[tok.eos_id] = 1.0  # its logit is d_model = 32; the others' are sums of ~0.02s
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(model.tok_emb.weight[tok.eos_id])
+    save_model(model, tmp_path / "eos")
+    tok.save(tmp_path / "eos")
+    assert main(["generate", str(tmp_path / "eos"), "the cat", "--temperature", "0", "--max-new-tokens",
+                 "5"]) == 0
+    assert capsys.readouterr().out == "\n"  # nothing before eos; eos itself is not text
+
+
+def test_cli_dtype_reaches_the_loaded_model(tmp_path, capsys, monkeypatch):
+    from lmforge import api
+    from lmforge.cli import main
+
+    run, _ = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    loaded, real_load = [], api.load
+
+    def load(*args, **kwargs):  # the real loader; keeps the model it returned
+        model, tok = real_load(*args, **kwargs)
+        loaded.append(model)
+        return model, tok
+
+    monkeypatch.setattr(api, "load", load)
+    for dtype, weights, head in (("bf16", torch.bfloat16, "PackedLinear"),
+                                 ("int8", torch.bfloat16, "Int8Linear"),
+                                 ("fp32", torch.float32, "PackedLinear")):
+        assert main(["generate", str(run), "the cat", "--dtype", dtype, "--max-new-tokens", "2"]) == 0
+        assert loaded[-1].tok_emb.weight.dtype == weights and type(loaded[-1].head).__name__ == head, dtype

@@ -218,9 +218,12 @@ def test_info_counts_any_depth_without_building_it(preset):
 
 def test_info_cli(capsys):
     from lmforge.cli import main
+    from lmforge.models.info import model_info
     assert main(["model", "info", "gpt2-124m", "--model.n_layer=2"]) == 0
     out = capsys.readouterr().out
     assert "6N + 12" in out and "non-embedding" in out
+    params = model_info(load_config("gpt2-124m", {"model": {"n_layer": 2}}))["params"]  # the override counts
+    assert " n_layer=2 " in out and f"params     {params:,} total" in out
     assert main(["model", "info", "no-such-preset"]) == 2
 
 

@@ -233,3 +233,42 @@ def test_embed_truncates_a_text_longer_than_the_context_like_hf(tok):
     for pooling, ref in (("mean", (h * m).sum(1) / m.sum(1)), ("cls", h[:, 0])):
         got = embed(ours, tok, texts, pooling=pooling)
         np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_fill_mask_lists_the_default_top_5_per_mask(runs, tok, capsys):
+    text = "the cat [MASK] on the [MASK]."
+    assert main(["fill-mask", str(runs / "mlm"), text]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    model, _ = load_encoder(runs / "mlm")
+    preds = fill_mask(model, tok, text, top_k=5)  # --help: default 5
+    assert len(lines) == 2 * (1 + 5)
+    for n, cands in enumerate(preds):
+        block = lines[n * 6: n * 6 + 6]
+        assert block[0] == f"[MASK] {n + 1}:"
+        for line, c in zip(block[1:], cands, strict=True):
+            token, prob = line.split()
+            assert token == c["token"] and float(prob) == pytest.approx(c["prob"], abs=5e-5)
+
+
+def test_cli_embed_writes_jsonl_to_stdout_with_the_pooling_asked(runs, tok, tmp_path, capsys, monkeypatch):
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(TEXTS[:3]) + "\n")
+    assert main(["embed", str(runs / "mlm"), "--input", str(src), "--pooling", "cls"]) == 0
+    recs = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    model, _ = load_encoder(runs / "mlm")
+    ref = embed(model, tok, TEXTS[:3], pooling="cls")
+    assert not np.allclose(ref, embed(model, tok, TEXTS[:3], pooling="mean"), atol=1e-3)
+    assert [r["text"] for r in recs] == TEXTS[:3]
+    np.testing.assert_allclose(np.array([r["embedding"] for r in recs]), ref, rtol=1e-5, atol=1e-6)
+    # an --output that is neither .npy nor .jsonl: one line, nothing written
+    assert main(["embed", str(runs / "mlm"), "--input", str(src), "--output", str(tmp_path / "e.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --output {tmp_path / 'e.txt'} must end in .npy or .jsonl\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+    # --device reaches the loader: CUDA asked for on a machine without it names the flag
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["fill-mask", str(runs / "mlm"), "the [MASK]."], ["embed", str(runs / "mlm"), "--input",
+                                                                     str(src)]):
+        assert main([*argv, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "CUDA is not available; use --device=cpu" in err and err.count("\n") == 1, err

@@ -136,6 +136,7 @@ def test_errors(shards, tmp_path):
 @pytest.mark.parametrize("change, why", [
     ({"dtype": "bogus"}, "dtype 'bogus' is not uint16 or uint32"),
     ({"vocab_size": "big"}, "vocab_size 'big' is not a positive integer"),
+    ({"vocab_size": True}, "vocab_size True is not a positive integer"),  # JSON true is no count
     ({"splits": {"train": {"tokens": 1001, "documents": 1}}}, "splits.train.shards is not a list"),
     ({"splits": {"train": {"tokens": "many", "shards": []}}}, "splits.train.tokens is not a count"),
     ({"splits": ["train"]}, "no splits object"),

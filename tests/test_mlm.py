@@ -427,6 +427,14 @@ def test_eval_cli_reproduces_the_trainers_mlm_eval(shards, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
     assert main(args + ["--seed", "7"]) == 0  # other masks, another (close) estimate
     assert json.loads(capsys.readouterr().out)["loss"] != pytest.approx(last["val_loss"], rel=1e-6)
+    # the defaults are the documented ones: --seed 0, --dtype bf16
+    short = ["eval", str(run), "--data", str(shards / "shards"), "--seq-len", "32", "--json"]
+    losses = []
+    for extra in ([], ["--seed", "0", "--dtype", "bf16"], ["--seed", "1", "--dtype", "bf16"],
+                  ["--seed", "0", "--dtype", "fp32"]):
+        assert main(short + extra) == 0
+        losses.append(json.loads(capsys.readouterr().out)["loss"])
+    assert losses[0] == losses[1] and losses[1] not in (losses[2], losses[3])
     assert main(args + ["--objective", "mlm,nsp"]) == 2  # this BERT was built without the NSP head
     assert "has heads=mlm" in capsys.readouterr().err
     assert main(args + ["--seq-len", "3"]) == 2
@@ -451,9 +459,15 @@ def test_eval_cli_scores_an_mlm_nsp_bert_with_both_heads_by_default(shards, tmp_
     last = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if "val_loss" in ln][-1]
     t = yaml.safe_load((run / "run.yaml").read_text())["config"]["train"]
     capsys.readouterr()
-    assert main(["eval", str(run), "--data", str(shards / "shards"), "--seq-len", "32", "--json", "--dtype",
-                 t["dtype"], "--batch-size", str(t["batch_size"]), "--max-batches", str(t["eval_steps"]),
-                 "--seed", str(t["seed"])]) == 0
+    args = ["--data", str(shards / "shards"), "--seq-len", "32", "--json", "--dtype", t["dtype"],
+            "--batch-size", str(t["batch_size"]), "--max-batches", str(t["eval_steps"]),
+            "--seed", str(t["seed"])]
+    assert main(["eval", str(run), *args]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
+    # a checkpoint folder of the run: the settings come from the run's run.yaml, two levels up
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    assert newest.name == f"step-{t['max_steps']:06d}" and not (newest / "run.yaml").exists()
+    assert main(["eval", str(newest), *args]) == 0
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(last["val_loss"], rel=1e-6)
     from lmforge.models.store import load_model, save_model
 

@@ -346,3 +346,27 @@ def test_a_65536_token_vocabulary_fits_uint16(tmp_path):
                        documents=["w65534 w7"], progress=False)
         ids, _ = read_split(tmp_path / dtype, "train")
         assert meta["dtype"] == "uint16" and ids.tolist() == [65534, 7, 65535]
+
+
+def test_cli_settings_reach_prepare(bpe, corpus, tmp_path, capsys):
+    """Each flag means what the same keyword means to `prepare`: the shards are byte-identical."""
+    data = tmp_path / "docs.jsonl"
+    docs = corpus[3:40]
+    data.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    assert main(["prepare", "--data", str(data), "--tokenizer", str(bpe), "--out", str(tmp_path / "cli"),
+                 "--text-field", "body", "--val-fraction", "0.2", "--dtype", "uint32",
+                 "--shard-tokens", "500", "--encoder", "tokenizers", "--workers", "1"]) == 0
+    assert "(tokenizers, 1 worker(s))" in capsys.readouterr().out  # the encoder asked for, not tiktoken
+    prepare([str(data)], bpe, tmp_path / "ref", val_fraction=0.2, text_field="body", dtype="uint32",
+            shard_tokens=500, progress=False)
+    capsys.readouterr()
+    cli, ref = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("cli", "ref"))
+    assert cli["dtype"] == "uint32" and len(cli["splits"]["train"]["shards"]) > 1
+    assert cli["splits"] == ref["splits"] and cli["splits"]["val"]["documents"] > 1
+    for split in ("train", "val"):
+        assert [a.tolist() for a in read_split(tmp_path / "cli", split)] == \
+               [a.tolist() for a in read_split(tmp_path / "ref", split)]
+    assert main(["prepare", "--data", str(data), "--tokenizer", str(bpe), "--out", str(tmp_path / "val"),
+                 "--text-field", "body", "--val-docs", "3", "--workers", "2"]) == 0
+    meta = json.loads((tmp_path / "val" / "meta.json").read_text())
+    assert meta["splits"]["val"]["documents"] == 3 and "2 worker(s)" in capsys.readouterr().out

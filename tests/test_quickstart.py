@@ -166,6 +166,7 @@ def test_a_diverged_quickstart_says_what_to_rerun_and_names_no_checkpoint_it_put
     line = next(x for x in err.splitlines() if x.startswith("error: "))  # on a line of its own, bar or not
     assert "training diverged at step" in line and line.endswith("and run quickstart again")
     assert "--resume" not in line and "--overwrite" not in line
+    assert "back as it was" not in line  # there was no earlier output to put back
     assert main([*args, "--steps", "1"]) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
@@ -173,3 +174,107 @@ def test_a_diverged_quickstart_says_what_to_rerun_and_names_no_checkpoint_it_put
     line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("error: "))
     assert f"{out} is back as it was before this run" in line and "checkpoint" not in line
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_quickstart_cli_flags_reach_the_pipeline_and_every_printed_command_works(tmp_path, capsys,
+                                                                                  monkeypatch):
+    import yaml
+
+    from lmforge import tokenizer
+    from lmforge.data.readers import iter_documents
+    from lmforge.tokenizer import Tokenizer
+
+    monkeypatch.chdir(tmp_path)  # the printed convert command writes to a relative runs/hf-export
+    corpus = _corpus(tmp_path)
+    assert main(["quickstart", "--data", str(corpus), "--out", "qs", "--preset", "gpt-tiny", "--vocab-size",
+                 "280", "--steps", "3", "--max-time", "120", "--prompt", "We are", "--prompt", "CITIZEN",
+                 "--model.n_layer=1"]) == 0
+    printed = capsys.readouterr().out
+    run = tmp_path / "qs" / "run"
+    # --vocab-size: the tokenizer is the one tokenizer.train makes from the same data at that size
+    ref = tokenizer.train("bpe", iter_documents(str(corpus)), vocab_size=280)
+    assert Tokenizer.load(run).hash == ref.hash
+    # --steps, --max-time and a --model.x override reach the run
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    config = yaml.safe_load((run / "run.yaml").read_text())["config"]
+    assert config["train"]["max_time"] == 120 and config["model"]["n_layer"] == 1
+    # every --prompt is sampled; the first one goes into the printed generate command, which works
+    assert "--- 'We are'\nWe are" in printed and "--- 'CITIZEN'\nCITIZEN" in printed
+    gen = shlex.split(printed.split("  lmforge generate ", 1)[1].split("\n", 1)[0])
+    assert gen[1] == "We are"
+    assert main(["generate", *gen, "--max-new-tokens", "3", "--seed", "0"]) == 0
+    # the printed resume command repeats the overrides: the 1-layer run goes on as it was
+    resume = printed.split("  lmforge pretrain ", 1)[1].split("\n  lmforge quickstart", 1)[0]
+    argv = ["pretrain", *shlex.split(resume.replace("\\\n", " "))]
+    argv = [a.replace("--train.max_steps=2000", "--train.max_steps=4") for a in argv] + ["--no-progress"]
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    # and so does the printed export
+    convert = printed.split("  lmforge convert ", 1)[1].split("#", 1)[0]
+    assert main(["convert", *shlex.split(convert)]) == 0
+    assert (tmp_path / "runs" / "hf-export" / "model.safetensors").is_file()
+
+
+def _parse(argv):
+    from lmforge.cli import build_parser
+
+    args, _ = build_parser(argv[0]).parse_known_args(argv)
+    return vars(args)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """A flag left out means what leaving the argument out of the Python call means."""
+    import dataclasses
+    import inspect
+
+    from lmforge.config import GenerateConfig
+    from lmforge.data.prepare import prepare
+    from lmforge.inference import embed, fill_mask
+    from lmforge.tokenizer import train
+
+    def defaults(func, *names):
+        params = inspect.signature(func).parameters
+        return {n: params[n].default for n in names}
+
+    def picked(args, *names):
+        return {n: args[n] for n in names}
+
+    args = _parse(["quickstart"])
+    names = ("data", "out", "preset", "vocab_size", "steps", "max_time", "prompts")
+    assert picked(args, *names) == defaults(quickstart, *names)
+    args = _parse(["prepare", "--data", "d", "--tokenizer", "t", "--out", "o"])
+    names = ("val_fraction", "val_docs", "text_field", "shard_tokens", "dtype", "encoder")
+    assert picked(args, *names) == defaults(prepare, *names)
+    import os
+
+    assert args["workers"] == max(1, min(8, os.cpu_count() or 1))  # as --help says: the cores, at most 8
+    args = _parse(["tokenizer", "train", "--type", "bpe", "--data", "d", "--vocab-size", "300", "--out", "o"])
+    assert picked(args, "extra_ids", "min_frequency") == defaults(train, "extra_ids", "min_frequency")
+    assert (not args["cased"]) == defaults(train, "lowercase")["lowercase"]
+    args = _parse(["generate", "run", "prompt"])
+    gen = {f.name: f.default for f in dataclasses.fields(GenerateConfig) if f.name != "stop"}
+    assert picked(args, *gen) == gen and args["stop"] == []
+    assert _parse(["fill-mask", "run", "text"])["top_k"] == defaults(fill_mask, "top_k")["top_k"]
+    args = _parse(["embed", "run", "--input", "x"])
+    names = ("pooling", "normalize", "batch_size")
+    assert picked(args, *names) == defaults(embed, *names)
+
+
+def test_cli_exit_codes_for_help_unknown_flags_and_ctrl_c(tmp_path, capsys, monkeypatch):
+    from lmforge.models import info
+
+    assert main([]) == 0 and "VERB" in capsys.readouterr().out  # bare `lmforge`: the help, success
+    assert main(["--no-such-flag"]) == 2  # no verb but something else: a usage error
+    assert "VERB" in capsys.readouterr().out
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit) as e:  # a verb without config overrides takes no unknown flag
+        main(["data", "list", "--no-such-flag"])
+    assert e.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "model_info", ctrl_c)
+    assert main(["model", "info", "gpt-tiny"]) == 130  # 128 + SIGINT, one line, no traceback
+    assert capsys.readouterr() == ("", "interrupted\n")

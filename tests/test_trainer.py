@@ -608,6 +608,7 @@ def test_eval_cli_scores_every_val_window_once_like_an_outside_reference(shards,
         signal.alarm(0)
         signal.signal(signal.SIGALRM, before)
     assert code == 0 and json.loads(io.out)["targets"] == (len(TokenStream(shards, "train")) - 1) // T * T
+    assert json.loads(io.out)["split"] == "train" and got["split"] == "val"  # --json names the split scored
     # the line form, and the Trainer's own last eval reproduced with its batch size / eval_steps / dtype
     code, io = eval_cli(out, "--data", shards, "--max-batches", "20", capsys=capsys)
     assert code == 0 and io.out.startswith(f"{out} on {shards} val: loss ") and "bpb" in io.out
@@ -637,6 +638,7 @@ def test_eval_cli_bad_input_is_one_line(shards, tmp_path, capsys):
         (["--data", shards, "--objective", "mlm"], "use --objective clm"),
         (["--data", shards, "--split", "test"], "has no split 'test'"),
         (["--data", shards, "--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--data", shards, "--max-batches", "0"], "--max-batches must be >= 1"),
         (["--data", shards, "--seed", "-1"], "--seed must be >= 0"),
         (["--data", shards, "--objective", "nsp"], "--objective 'nsp' is not one of: clm, mlm, mlm,nsp"),
     ]
@@ -845,3 +847,92 @@ def test_bits_per_byte_byte_table_skips_unscored_positions():
     obj = CausalLM(load_config("gpt-tiny"), ByteTableTok())
     labels = torch.tensor([[0, 3, -100], [2, -100, -100]])
     assert obj.eval_stats({"labels": labels}) == {"bytes": 1 + 4 + 3}
+
+
+def test_pretrain_cli_out_dir_rules(shards, tmp_path, capsys):
+    """--resume needs a run with checkpoints; --overwrite replaces only a run dir; an empty folder is new."""
+    from lmforge.cli import main
+
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "none", "--model.vocab_size=320",
+                        "--resume") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --resume: ") and "has no checkpoints/" in err and err.count("\n") == 1
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "mine", "--model.vocab_size=320",
+                        "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "does not look like a run dir" in err and err.count("\n") == 1
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()  # an empty folder needs no --overwrite; without --no-progress: a bar
+    assert main(["pretrain", "gpt-tiny", "--data.shards", str(shards), "--out", str(tmp_path / "empty"),
+                 "--model.vocab_size=320", "--train.max_steps=2", "--train.tensorboard=false",
+                 "--train.device=cpu"]) == 0
+    assert (tmp_path / "empty" / "model.safetensors").is_file() and "train: 100%|" in capsys.readouterr().err
+
+
+def test_pretrain_cli_refuses_data_settings_that_do_not_fit_before_making_a_run_dir(shards, tmp_path, capsys):
+    from lmforge import tokenizer as tk
+    from lmforge.config import load_config
+
+    other = tk.train("bpe", ["some other text entirely"] * 20, vocab_size=280)
+    other.save(tmp_path / "other" / "tokenizer.json")
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "a", "--model.vocab_size=320",
+                        "--data.tokenizer", tmp_path / "other" / "tokenizer.json") == 2
+    err = capsys.readouterr().err
+    assert f"is not the tokenizer {shards} was prepared with" in err and err.count("\n") == 1, err
+    context = load_config("gpt-tiny").model.max_seq_len
+    assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "b", "--model.vocab_size=320",
+                        f"--data.seq_len={context + 1}") == 2
+    err = capsys.readouterr().err
+    assert f"pass --data.seq_len={context}" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
+
+
+def test_resume_notes_every_changed_train_setting(shards, tmp_path, capsys):
+    from lmforge.config import load_config
+
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    capsys.readouterr()
+    lr = load_config("gpt-tiny").train.lr
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--resume",
+                        "--train.max_steps=6", f"--train.lr={lr / 2}") == 0
+    note = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note: resuming"))
+    assert note == (f"note: resuming with changed settings: train.max_steps=6 (was 4), "
+                    f"train.lr={lr / 2!r} (was {lr!r})")
+
+
+def test_runs_with_the_same_seed_start_from_the_same_weights(shards, tmp_path, capsys):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):  # lr 0: the saved weights are the initial ones
+        assert pretrain_cli("--data.shards", shards, "--out", tmp_path / name, "--model.vocab_size=320",
+                            f"--train.seed={seed}", "--train.lr=0", "--train.min_lr=0",
+                            "--train.max_steps=1") == 0
+    a, b, c = (load_model(tmp_path / name).state_dict() for name in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert "%|" not in capsys.readouterr().err  # --no-progress: no bar
+
+
+def test_resume_checks_the_tokenizer_of_the_newest_checkpoint(shards, tmp_path, capsys):
+    """Without a top-level tokenizer.json, the run's tokenizer is its newest checkpoint's."""
+    from lmforge import tokenizer as tk
+
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2") == 0
+    (out / "tokenizer.json").unlink()
+    other = tk.train("bpe", ["some other text entirely"] * 20, vocab_size=280)
+    ckpts = out / "checkpoints"
+    own = (ckpts / "step-000004" / "tokenizer.json").read_bytes()
+    other.save(ckpts / "step-000004" / "tokenizer.json")
+    capsys.readouterr()
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2", "--resume", "--train.max_steps=6") == 2
+    assert f"is not the tokenizer {out} was trained with" in capsys.readouterr().err
+    (ckpts / "step-000004" / "tokenizer.json").write_bytes(own)
+    other.save(ckpts / "step-000002" / "tokenizer.json")  # an older checkpoint's does not decide
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2", "--resume", "--train.max_steps=6") == 0
