@@ -105,16 +105,18 @@ def _pipeline(data: str, root: Path, preset: str, vocab_size: int, over: dict, o
 
     val = {k: v for k, v in metrics.items() if k.startswith("val")}
     print(f"done in {time.time() - t0:.0f} s; " + ", ".join(f"{k} {v:.3f}" for k, v in val.items()))
+    q = shlex.quote  # the commands below must work when pasted, whatever the paths hold
+    more = max(2000, 2 * int(metrics.get("step", 0)))  # after the user's overrides, so that it wins
     print(f"""
 run dir: {run}  (config.json, model.safetensors, tokenizer.json, run.yaml, metrics.jsonl, loss.png, tb/)
 next:
-  lmforge generate {run} {shlex.quote(next_prompt)} --temperature 0.8 --top-k 50
-  lmforge eval {run} --data {shards}        # the whole val split, each window once
-  tensorboard --logdir {run}/tb
-  lmforge pretrain {preset} --data.shards {shards} --train.out_dir {run} --resume --train.max_steps=2000 \\
-    --model.vocab_size={tok.vocab_size}{"".join(" " + shlex.quote(o) for o in overrides or [])}
+  lmforge generate {q(str(run))} {q(next_prompt)} --temperature 0.8 --top-k 50
+  lmforge eval {q(str(run))} --data {q(str(shards))}        # the whole val split, each window once
+  tensorboard --logdir {q(str(run / "tb"))}
+  lmforge pretrain {q(preset)} --data.shards {q(str(shards))} --train.out_dir {q(str(run))} --resume \\
+    --model.vocab_size={tok.vocab_size}{"".join(" " + q(o) for o in overrides or [])} --train.max_steps={more}
   lmforge quickstart --data austen --out runs/austen     # or your own: --data 'my_texts/*.txt'
-  lmforge convert --to-hf {run} runs/hf-export           # load it with transformers
+  lmforge convert --to-hf {q(str(run))} runs/hf-export           # load it with transformers
 """)
     return metrics
 

@@ -39,7 +39,8 @@ def is_cjk(ch: str) -> bool:
 
 
 def language_of(text: str) -> str:
-    """'zh' when most letters are CJK ideographs, else 'other'.
+    """'zh' when more than 30% of the letters are CJK ideographs (Chinese text mixes in Latin words and
+    names), else 'other'.
 
     >>> language_of("今天天气很好, ok"), language_of("the weather is fine")
     ('zh', 'other')

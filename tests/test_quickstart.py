@@ -186,11 +186,11 @@ def test_quickstart_cli_flags_reach_the_pipeline_and_every_printed_command_works
 
     monkeypatch.chdir(tmp_path)  # the printed convert command writes to a relative runs/hf-export
     corpus = _corpus(tmp_path)
-    assert main(["quickstart", "--data", str(corpus), "--out", "qs", "--preset", "gpt-tiny", "--vocab-size",
+    assert main(["quickstart", "--data", str(corpus), "--out", "q s", "--preset", "gpt-tiny", "--vocab-size",
                  "280", "--steps", "3", "--max-time", "120", "--prompt", "We are", "--prompt", "CITIZEN",
-                 "--model.n_layer=1"]) == 0
+                 "--model.n_layer=1", "--train.max_steps=3"]) == 0  # a space in --out: quoted commands
     printed = capsys.readouterr().out
-    run = tmp_path / "qs" / "run"
+    run = tmp_path / "q s" / "run"
     # --vocab-size: the tokenizer is the one tokenizer.train makes from the same data at that size
     ref = tokenizer.train("bpe", iter_documents(str(corpus)), vocab_size=280)
     assert Tokenizer.load(run).hash == ref.hash
@@ -206,6 +206,7 @@ def test_quickstart_cli_flags_reach_the_pipeline_and_every_printed_command_works
     # the printed resume command repeats the overrides: the 1-layer run goes on as it was
     resume = printed.split("  lmforge pretrain ", 1)[1].split("\n  lmforge quickstart", 1)[0]
     argv = ["pretrain", *shlex.split(resume.replace("\\\n", " "))]
+    assert [a for a in argv if a.startswith("--train.max_steps=")][-1] == "--train.max_steps=2000"  # wins
     argv = [a.replace("--train.max_steps=2000", "--train.max_steps=4") for a in argv] + ["--no-progress"]
     capsys.readouterr()
     assert main(argv) == 0, capsys.readouterr().err
