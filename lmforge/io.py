@@ -139,12 +139,14 @@ def _note_stale_asides(path: Path) -> None:
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # there os.kill(pid, 0) would terminate the process: assume it lives
+        return True
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except OSError:  # PermissionError: someone else's live process
-        return True
+    except PermissionError:  # someone else's live process
+        pass
     return True
 
 

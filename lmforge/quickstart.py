@@ -58,8 +58,10 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
     try:
         with replacing(root, keep_failed=lambda: fresh and bool(list_checkpoints(root / "run"))):
             return _pipeline(data, root, preset, vocab_size, over, overrides, prompts, t0)
-    except Diverged as e:  # its advice is pretrain's (--resume, --overwrite) and names a checkpoint that,
-        where = "" if fresh else f"; {root} is back as it was before this run"  # over an old output, is gone
+    except Diverged as e:
+        # its advice is pretrain's (--resume, --overwrite), and over an old output the checkpoint it names
+        # went with the new run: say what quickstart's user can do instead
+        where = "" if fresh else f"; {root} is back as it was before this run"
         raise TrainingError(f"{e.head}{where}; {e.fix} (quickstart takes --train.x=N overrides too) and run "
                             "quickstart again") from None
 

@@ -141,10 +141,9 @@ class Trainer:
         start = time.monotonic()
         tick, tick_tokens, tick_steps = start, 0, 0
         first_step = True  # this invocation's first step compiles the fused kernels
-        bar = self._bar()
         last: dict[str, float] = {}
         stopped = False
-        try:  # the bar ends its line before an error is printed
+        with self._bar() as bar:  # closed on an error too: the error then gets a line of its own
             while self.step < t.max_steps:
                 cycle_start = copy.deepcopy(stream.state_dict())
                 batches = [to_device(next(stream), self.device) for _ in range(t.grad_accum)]
@@ -176,12 +175,11 @@ class Trainer:
                             "elapsed_s": now - start}
                     self._log(last)
                     tick, tick_tokens = now, 0
-                if bar is not None:
-                    bar.update(tick_steps)
-                    tick_steps = 0
-                    if last:
-                        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
-                                        mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
+                bar.update(tick_steps)
+                tick_steps = 0
+                if last:
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                                    mfu=f"{100 * last['mfu']:.1f}%", refresh=False)
                 pause = time.monotonic()
                 if t.eval_every > 0 and self.step % t.eval_every == 0:
                     self.evaluate()
@@ -191,9 +189,6 @@ class Trainer:
                 tick += time.monotonic() - pause  # tokens/s counts training time only, not eval or saving
                 if stopped:
                     break
-        finally:
-            if bar is not None:
-                bar.close()
         if self.last_eval.get("step") != self.step:  # every run ends with a val score
             self.evaluate()
         ckpt_mod.save_model_files(model, self.tokenizer, self.run_dir)  # final weights at RUN/ top level
@@ -344,11 +339,10 @@ class Trainer:
         return self.t.peak_flops or runtime.peak_flops(self.device, self.t.dtype)
 
     def _bar(self):
-        if not self.progress:
-            return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=self.t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        return tqdm(total=self.t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not self.progress)  # disabled: every call a no-op
 
     def _open_logs(self, resume: bool) -> None:
         path = self.run_dir / "metrics.jsonl"
