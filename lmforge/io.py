@@ -74,7 +74,11 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # the second rename failed (disk full, Ctrl-C): the old one back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)

@@ -1,7 +1,9 @@
 """Checkpoints: weights_only-loadable state, keep-last-K, exact resume (mid-cycle too), clear errors."""
 
+import errno
 import os
 import random
+import shutil
 import signal
 
 import numpy as np
@@ -354,3 +356,89 @@ def test_list_checkpoints_counts_folders_only(tmp_path):
     (tmp_path / "run" / "checkpoints" / "step-000009").write_text("not a checkpoint")
     assert [p.name for p in ck.list_checkpoints(tmp_path / "run")] == ["step-000001"]
     assert ck.latest_good(tmp_path / "run")[0].name == "step-000001"
+
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+def _fail_nth(monkeypatch, module, name, n, exc):
+    """The n-th call of module.name (1 = the first) raises exc; the others run as usual."""
+    real, calls = getattr(module, name), []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, fake)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A finished run with step-000002 and step-000004; tests copy it."""
+    root = tmp_path_factory.mktemp("two")
+    make_trainer(tiny_cfg(root, max_steps=4, save_every=2, keep_last=2)).fit()
+    return root / "run"
+
+
+# os.replace: 1 = model.safetensors, 2 = config.json, 3 = the folder; os.fsync: 1 = first file, 5 = the tree
+@pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+@pytest.mark.parametrize("module,name,n", [(os, "replace", 1), (os, "replace", 2), (os, "replace", 3),
+                                           (os, "fsync", 1), (os, "fsync", 5), (torch, "save", 1)],
+                         ids=["replace-weights", "replace-config", "rename-folder", "fsync-first",
+                              "fsync-tree", "torch-save"])
+def test_a_save_that_fails_at_any_step_leaves_the_previous_checkpoints_as_they_were(
+        two_checkpoints, tmp_path, monkeypatch, module, name, n, exc):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    root = run / "checkpoints"
+    before = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    trainer = make_trainer(tiny_cfg(tmp_path, max_steps=6))
+    state = {"step": 6, "micro": 0, "optimizer": trainer.optimizer.state_dict(), "stream": {"pos": 0},
+             "rng": ck.rng_state()}
+    _fail_nth(monkeypatch, module, name, n, exc)
+    with pytest.raises(type(exc)):
+        ck.save_checkpoint(run, trainer.model, None, state, keep_last=1)
+    monkeypatch.undo()
+    # nothing half-written under any name (no step-000006, no .step-000006.tmp-*), nothing pruned
+    assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000004"]
+    ckpt, state, _ = ck.latest_good(run)
+    assert ckpt.name == "step-000004" and state["step"] == 4
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", ck.STATE_FILE, "config.json"])
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_an_empty_or_truncated_file_in_the_newest_checkpoint_falls_back(two_checkpoints, tmp_path, capsys,
+                                                                        name, damage):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    for step, expect in (("step-000004", "step-000002"), ("step-000002", None)):
+        path = run / "checkpoints" / step / name
+        data = path.read_bytes()
+        path.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+        if expect:
+            ckpt, state, _ = ck.latest_good(run)
+            assert ckpt.name == expect and state["step"] == 2
+            assert name in capsys.readouterr().err
+        else:  # nothing good remains: one line naming the file
+            with pytest.raises(CheckpointError, match="no readable checkpoint") as e:
+                ck.latest_good(run)
+            assert name in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_truncated_tokenizer_json_in_the_newest_checkpoint_falls_back(two_checkpoints, tmp_path, damage):
+    from lmforge.tokenizer import train
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    tok = train("bpe", ["the quick brown fox jumps over the lazy dog"] * 4, vocab_size=300)
+    for ckpt in ck.list_checkpoints(run):
+        tok.save(ckpt / "tokenizer.json")
+    path = run / "checkpoints" / "step-000004" / "tokenizer.json"
+    text = path.read_text()
+    path.write_text("" if damage == "empty" else text[: len(text) // 2])
+    ckpt, _, _ = ck.latest_good(run)
+    assert ckpt.name == "step-000002"

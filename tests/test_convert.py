@@ -1015,3 +1015,67 @@ def test_gpt2_vocab_json_and_merges_txt_encode_as_transformers_does(tmp_path):
     ours = tokenizer_from_hf(tmp_path)
     for sample in ["Hello world", "hello again!", " The lazy fox", "dog<|endoftext|>Hello"]:
         assert ours.encode(sample).ids == ref(sample)["input_ids"], sample
+
+
+def _fail_nth(monkeypatch, module, name, n, exc):
+    """The n-th call of module.name (1 = the first) raises exc; the others run as usual."""
+    real, calls = getattr(module, name), []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, fake)
+
+
+_ENOSPC = OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("way", ["--from-hf", "--to-hf"])
+@pytest.mark.parametrize("fault", ["save_file", "fsync", "replace", "ctrl-c"])
+def test_a_force_that_fails_keeps_the_old_model_folder_and_exits_with_one_line(tmp_path, capsys, monkeypatch,
+                                                                               way, fault):
+    import safetensors.torch
+
+    make_hf("gpt2", tmp_path / "hf")
+    _run_dir(tmp_path / "run")
+    src, out = tmp_path / ("hf" if way == "--from-hf" else "run"), tmp_path / "out"
+    assert main(["convert", way, str(src), str(out)]) == 0
+    before = _files(out)
+    capsys.readouterr()
+    if fault == "save_file":
+        _fail_nth(monkeypatch, safetensors.torch, "save_file", 1, _ENOSPC)
+    elif fault == "fsync":
+        _fail_nth(monkeypatch, os, "fsync", 3, _ENOSPC)
+    else:  # the first rename of the new folder's files
+        _fail_nth(monkeypatch, os, "replace", 1, KeyboardInterrupt() if fault == "ctrl-c" else _ENOSPC)
+    rc = main(["convert", way, str(src), str(out), "--force"])
+    err = capsys.readouterr().err
+    monkeypatch.undo()
+    assert rc == (130 if fault == "ctrl-c" else 2) and err.count("\n") == 1, err
+    assert fault == "ctrl-c" or err.startswith("error: No space left on device")
+    assert _files(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out", "run"]
+    if way == "--from-hf":
+        load_model(out)
+
+
+@pytest.mark.parametrize("exc", [_ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+def test_a_force_whose_final_rename_fails_keeps_the_old_model_folder(tmp_path, capsys, monkeypatch, exc):
+    make_hf("gpt2", tmp_path / "hf")
+    out = tmp_path / "out"
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(out)]) == 0
+    before = _files(out)
+    real = os.replace
+
+    def replace(src, dst):  # the new folder's rename onto OUT fails (the old one is already aside)
+        if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):
+            raise exc
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(["convert", "--from-hf", str(tmp_path / "hf"), str(out), "--force"]) in (2, 130)
+    monkeypatch.undo()
+    assert _files(out) == before
+    load_model(out)

@@ -1,6 +1,7 @@
 """io.replacing: the old folder survives until the new one is complete, and what a killed run left aside
 is never thrown away."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.io import replacing
+from lmforge.io import atomic_dir, atomic_write_text, replacing
 
 
 def _tree(root):
@@ -58,3 +59,87 @@ def test_an_aside_left_by_a_killed_run_is_named_and_never_deleted(tmp_path, caps
     assert not any(str(live) in x for x in notes)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".old-" in str(p)} == before
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+
+
+def _fail_nth(monkeypatch, module, name, n, exc):
+    """The n-th call of module.name (1 = the first) raises exc; the others run as usual."""
+    real, calls = getattr(module, name), []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, fake)
+
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+@pytest.mark.parametrize("step", ["write", "fsync", "chmod", "replace"])
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, step, exc):
+    path = tmp_path / "tokenizer.json"
+    atomic_write_text(path, "old")
+    if step == "write":
+        real = os.fdopen
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: _BrokenFile(real(fd, mode), exc))
+    else:
+        _fail_nth(monkeypatch, os, step, 1, exc)
+    with pytest.raises(type(exc)):
+        atomic_write_text(path, "new and longer")
+    monkeypatch.undo()
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no .tokenizer.json.*.tmp
+
+
+class _BrokenFile:
+    """A file object whose write fails (a full disk) after it wrote half the data."""
+
+    def __init__(self, f, exc):
+        self.f, self.exc = f, exc
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+@pytest.mark.parametrize("where", ["body", "fsync", "first-rename"])
+def test_atomic_dir_that_fails_before_its_rename_keeps_the_old_folder(tmp_path, monkeypatch, where, exc):
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    if where == "fsync":
+        _fail_nth(monkeypatch, os, "fsync", 1, exc)
+    elif where == "first-rename":
+        _fail_nth(monkeypatch, os, "replace", 1, exc)
+    with pytest.raises(type(exc)), atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+        (tmp / "b.txt").write_text("new")
+        if where == "body":
+            raise exc
+    monkeypatch.undo()
+    assert _tree(out) == {Path("a.txt"): b"old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.tmp-* or .out.old-* left
+
+
+@pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+def test_atomic_dir_keeps_the_old_folder_when_the_final_rename_fails(tmp_path, monkeypatch, exc):
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("old")
+    _fail_nth(monkeypatch, os, "replace", 2, exc)  # 1: out -> .out.old-PID, 2: the new one -> out
+    with pytest.raises(type(exc)), atomic_dir(out) as tmp:
+        (tmp / "a.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert _tree(out) == {Path("a.txt"): b"old"}

@@ -370,3 +370,48 @@ def test_cli_settings_reach_prepare(bpe, corpus, tmp_path, capsys):
                  "--text-field", "body", "--val-docs", "3", "--workers", "2"]) == 0
     meta = json.loads((tmp_path / "val" / "meta.json").read_text())
     assert meta["splits"]["val"]["documents"] == 3 and "2 worker(s)" in capsys.readouterr().out
+
+
+def _rerun_setup(corpus, bpe, tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus[:30]))
+    out = tmp_path / "out"
+    args = ["prepare", "--data", str(docs), "--tokenizer", str(bpe), "--out", str(out), "--workers", "1"]
+    assert main(args) == 0
+    return args, out, {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("fault", ["fsync", "replace", "ctrl-c"])
+def test_a_rerun_that_fails_writing_keeps_the_old_shards_and_says_one_line(bpe, corpus, tmp_path, capsys,
+                                                                           monkeypatch, fault):
+    import os
+
+    args, out, before = _rerun_setup(corpus, bpe, tmp_path)
+    capsys.readouterr()
+    name = "fsync" if fault == "fsync" else "replace"  # the first of each: meta.json, the completion mark
+    real, exc = getattr(os, name), KeyboardInterrupt() if fault == "ctrl-c" else OSError(28, "No space left")
+    monkeypatch.setattr(os, name, lambda *a, **k: (_ for _ in ()).throw(exc))
+    rc = main(args)
+    monkeypatch.setattr(os, name, real)
+    err = capsys.readouterr().err
+    assert rc == (130 if fault == "ctrl-c" else 2) and err.count("\n") == 1, err
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "out"]  # no .out.tmp-* left
+    assert read_split(out, "train")[0].size > 0
+
+
+def test_a_rerun_whose_final_rename_fails_keeps_the_old_shards(bpe, corpus, tmp_path, capsys, monkeypatch):
+    import os
+
+    args, out, before = _rerun_setup(corpus, bpe, tmp_path)
+    real = os.replace
+
+    def replace(src, dst):  # the new folder's rename onto out fails (the old one is already aside)
+        if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    assert main(args) == 2
+    monkeypatch.undo()
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

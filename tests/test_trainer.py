@@ -936,3 +936,46 @@ def test_resume_checks_the_tokenizer_of_the_newest_checkpoint(shards, tmp_path, 
     other.save(ckpts / "step-000002" / "tokenizer.json")  # an older checkpoint's does not decide
     assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
                         "--train.save_every=2", "--resume", "--train.max_steps=6") == 0
+
+
+@pytest.mark.parametrize("exc, code", [(OSError(28, "No space left on device"), 2),
+                                       (KeyboardInterrupt(), 130)], ids=["enospc", "ctrl-c"])
+def test_a_checkpoint_save_that_fails_is_one_line_and_the_previous_one_resumes(shards, tmp_path, capsys,
+                                                                               monkeypatch, exc, code):
+    """The disk fills (or Ctrl-C lands) while step-000004 is written: one line, exit 2 (130), nothing
+    half-written that a resume would take, and --resume goes on from step-000002."""
+    out = tmp_path / "run"
+    real, calls = torch.save, []
+
+    def save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    rc = pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--train.save_every=2")
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == code and err[-1] in ("interrupted", "error: No space left on device; check the path, its "
+                                      "permissions and free disk space"), err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]  # no .tmp-* either
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2", "--resume") == 0
+    assert "resuming from" in capsys.readouterr().err
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step-000002", "step-000004"]
+
+
+def test_cli_resume_with_no_readable_checkpoint_is_one_line(shards, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2") == 0
+    for ckpt, name in zip(ck.list_checkpoints(out), ("model.safetensors", ck.STATE_FILE)):
+        (ckpt / name).write_bytes(b"")
+    capsys.readouterr()
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--resume",
+                        "--train.max_steps=6") == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("error: no readable checkpoint") and "Traceback" not in "".join(err), err
+    assert sum(ln.startswith("error: ") for ln in err) == 1, err
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step-000002", "step-000004"]  # nothing renamed

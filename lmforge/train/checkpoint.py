@@ -41,6 +41,7 @@ from torch import nn
 from lmforge.errors import CheckpointError, is_count
 from lmforge.io import atomic_dir
 from lmforge.models.convert_config import eos_ids
+from lmforge.tokenizer import Tokenizer
 
 STATE_FILE = "trainer_state.pt"
 _NAME = re.compile(r"^step-(\d+)(?:-micro-(\d+))?$")
@@ -279,6 +280,8 @@ def latest_good(run_dir: str | Path, stream=None,
         try:
             load_model_config(ckpt)
             eos_ids(ckpt)  # a corrupt generation_config.json makes the checkpoint unusable too
+            if (ckpt / "tokenizer.json").is_file():  # and so does a tokenizer that api.load cannot read
+                Tokenizer.load(ckpt)
             found = ckpt, load_state(ckpt), load_weights(ckpt)
         except CheckpointError as e:
             skip(ckpt, str(e))
