@@ -361,19 +361,6 @@ def test_list_checkpoints_counts_folders_only(tmp_path):
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 
-def _fail_nth(monkeypatch, module, name, n, exc):
-    """The n-th call of module.name (1 = the first) raises exc; the others run as usual."""
-    real, calls = getattr(module, name), []
-
-    def fake(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise exc
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, fake)
-
-
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
     """A finished run with step-000002 and step-000004; tests copy it."""
@@ -389,7 +376,7 @@ def two_checkpoints(tmp_path_factory):
                          ids=["replace-weights", "replace-config", "rename-folder", "fsync-first",
                               "fsync-tree", "torch-save"])
 def test_a_save_that_fails_at_any_step_leaves_the_previous_checkpoints_as_they_were(
-        two_checkpoints, tmp_path, monkeypatch, module, name, n, exc):
+        two_checkpoints, tmp_path, monkeypatch, fail_nth, module, name, n, exc):
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     root = run / "checkpoints"
@@ -397,7 +384,7 @@ def test_a_save_that_fails_at_any_step_leaves_the_previous_checkpoints_as_they_w
     trainer = make_trainer(tiny_cfg(tmp_path, max_steps=6))
     state = {"step": 6, "micro": 0, "optimizer": trainer.optimizer.state_dict(), "stream": {"pos": 0},
              "rng": ck.rng_state()}
-    _fail_nth(monkeypatch, module, name, n, exc)
+    fail_nth(module, name, n, exc)
     with pytest.raises(type(exc)):
         ck.save_checkpoint(run, trainer.model, None, state, keep_last=1)
     monkeypatch.undo()

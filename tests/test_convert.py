@@ -1017,26 +1017,13 @@ def test_gpt2_vocab_json_and_merges_txt_encode_as_transformers_does(tmp_path):
         assert ours.encode(sample).ids == ref(sample)["input_ids"], sample
 
 
-def _fail_nth(monkeypatch, module, name, n, exc):
-    """The n-th call of module.name (1 = the first) raises exc; the others run as usual."""
-    real, calls = getattr(module, name), []
-
-    def fake(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise exc
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, fake)
-
-
 _ENOSPC = OSError(28, "No space left on device")
 
 
 @pytest.mark.parametrize("way", ["--from-hf", "--to-hf"])
 @pytest.mark.parametrize("fault", ["save_file", "fsync", "replace", "ctrl-c"])
 def test_a_force_that_fails_keeps_the_old_model_folder_and_exits_with_one_line(tmp_path, capsys, monkeypatch,
-                                                                               way, fault):
+                                                                               fail_nth, way, fault):
     import safetensors.torch
 
     make_hf("gpt2", tmp_path / "hf")
@@ -1046,11 +1033,11 @@ def test_a_force_that_fails_keeps_the_old_model_folder_and_exits_with_one_line(t
     before = _files(out)
     capsys.readouterr()
     if fault == "save_file":
-        _fail_nth(monkeypatch, safetensors.torch, "save_file", 1, _ENOSPC)
+        fail_nth(safetensors.torch, "save_file", 1, _ENOSPC)
     elif fault == "fsync":
-        _fail_nth(monkeypatch, os, "fsync", 3, _ENOSPC)
+        fail_nth(os, "fsync", 3, _ENOSPC)
     else:  # the first rename of the new folder's files
-        _fail_nth(monkeypatch, os, "replace", 1, KeyboardInterrupt() if fault == "ctrl-c" else _ENOSPC)
+        fail_nth(os, "replace", 1, KeyboardInterrupt() if fault == "ctrl-c" else _ENOSPC)
     rc = main(["convert", way, str(src), str(out), "--force"])
     err = capsys.readouterr().err
     monkeypatch.undo()

@@ -61,32 +61,20 @@ def test_an_aside_left_by_a_killed_run_is_named_and_never_deleted(tmp_path, caps
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
 
 
-def _fail_nth(monkeypatch, module, name, n, exc):
-    """The n-th call of module.name (1 = the first) raises exc; the others run as usual."""
-    real, calls = getattr(module, name), []
-
-    def fake(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == n:
-            raise exc
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, fake)
-
-
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 
 
 @pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
 @pytest.mark.parametrize("step", ["write", "fsync", "chmod", "replace"])
-def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, step, exc):
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch, fail_nth, step,
+                                                                     exc):
     path = tmp_path / "tokenizer.json"
     atomic_write_text(path, "old")
     if step == "write":
         real = os.fdopen
         monkeypatch.setattr(os, "fdopen", lambda fd, mode: _BrokenFile(real(fd, mode), exc))
     else:
-        _fail_nth(monkeypatch, os, step, 1, exc)
+        fail_nth(os, step, 1, exc)
     with pytest.raises(type(exc)):
         atomic_write_text(path, "new and longer")
     monkeypatch.undo()
@@ -114,14 +102,15 @@ class _BrokenFile:
 
 @pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
 @pytest.mark.parametrize("where", ["body", "fsync", "first-rename"])
-def test_atomic_dir_that_fails_before_its_rename_keeps_the_old_folder(tmp_path, monkeypatch, where, exc):
+def test_atomic_dir_that_fails_before_its_rename_keeps_the_old_folder(tmp_path, monkeypatch, fail_nth, where,
+                                                                      exc):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("old")
     if where == "fsync":
-        _fail_nth(monkeypatch, os, "fsync", 1, exc)
+        fail_nth(os, "fsync", 1, exc)
     elif where == "first-rename":
-        _fail_nth(monkeypatch, os, "replace", 1, exc)
+        fail_nth(os, "replace", 1, exc)
     with pytest.raises(type(exc)), atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("new")
         (tmp / "b.txt").write_text("new")
@@ -133,11 +122,11 @@ def test_atomic_dir_that_fails_before_its_rename_keeps_the_old_folder(tmp_path, 
 
 
 @pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
-def test_atomic_dir_keeps_the_old_folder_when_the_final_rename_fails(tmp_path, monkeypatch, exc):
+def test_atomic_dir_keeps_the_old_folder_when_the_final_rename_fails(tmp_path, monkeypatch, fail_nth, exc):
     out = tmp_path / "out"
     with atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("old")
-    _fail_nth(monkeypatch, os, "replace", 2, exc)  # 1: out -> .out.old-PID, 2: the new one -> out
+    fail_nth(os, "replace", 2, exc)  # 1: out -> .out.old-PID, 2: the new one -> out
     with pytest.raises(type(exc)), atomic_dir(out) as tmp:
         (tmp / "a.txt").write_text("new")
     monkeypatch.undo()
