@@ -72,7 +72,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         _fsync_tree(tmp)  # contents on disk before the name: never a complete-looking folder of empty files
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would honour the umask
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            old = _aside(final)
             os.replace(final, old)
             try:
                 os.replace(tmp, final)
@@ -105,12 +105,7 @@ def replacing(path: str | Path, keep_failed: Callable[[], bool] = lambda: False)
     here = Path.cwd()
     if moved and (here == path.resolve() or path.resolve() in here.parents):  # we would work in the old one
         raise ConfigError(f"{path} holds the current folder, so it cannot be replaced; run from outside it")
-    _note_stale_asides(path)
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    n = 0
-    while old.exists() or old.is_symlink():  # a killed process's, whose pid we now have: keep it too
-        n += 1
-        old = path.with_name(f".{path.name}.old-{os.getpid()}-{n}")
+    old = _aside(path)
     if moved:
         os.replace(path, old)
     try:
@@ -130,6 +125,17 @@ def replacing(path: str | Path, keep_failed: Callable[[], bool] = lambda: False)
         raise
     if moved:
         _remove(old)
+
+
+def _aside(path: Path) -> Path:
+    """A free name `.NAME.old-PID` beside `path` to move its old contents to while the new ones are made
+    (after a note on any such copy a killed process left, which is kept, also when its pid is ours now)."""
+    _note_stale_asides(path)
+    old, n = path.with_name(f".{path.name}.old-{os.getpid()}"), 0
+    while old.exists() or old.is_symlink():
+        n += 1
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{n}")
+    return old
 
 
 def _note_stale_asides(path: Path) -> None:
