@@ -49,6 +49,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
          pack: bool = False, need_tokenizer: bool = False) -> tuple[torch.nn.Module, Tokenizer | None]:
     """A run dir (config.json + model.safetensors + tokenizer.json) -> (model in eval mode, tokenizer).
 
+    device: "cpu" (default) | "auto" | "cuda" | "cuda:N" | a torch.device.
     dtype: None (as saved, fp32) | "fp32" | "bf16" | "fp16" | a torch.dtype | "int8" (weight-only
     int8 Linear layers with bf16 activations: inference only, ~4x less weight memory traffic).
     pack: on CPU, pre-pack every Linear weight for oneDNN (`layers.PackedLinear`): generation ~2x
@@ -62,7 +63,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     the tokenizer's `eos_ids`, where generation stops.
     """
     from lmforge.models import convert
+    from lmforge.runtime import pick_device
 
+    if isinstance(device, str):  # "tpu", or "cuda" without CUDA: a ConfigError before any file is read
+        device = pick_device(device, flag="device")
     path = Path(path)
     if convert.is_hf_dir(path):
         model, tok = convert.load_hf(path, device=device, dtype=_dtype(dtype))

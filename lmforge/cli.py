@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if args.verb is None:
             parser.print_help()
-            return 0 if not argv or argv[0] in ("-h", "--help") else 2
+            if not argv or argv[0] in ("-h", "--help"):
+                return 0
+            # `lmforge --bogus`: the help on stdout, and on stderr what was wrong
+            print(f"error: unrecognized arguments: {' '.join(extra or argv)}; give a verb first, e.g. "
+                  "`lmforge generate --help`", file=sys.stderr)
+            return 2
         if extra and not getattr(args, "overrides", False):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if getattr(args, "overrides", False):

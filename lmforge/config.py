@@ -64,7 +64,8 @@ class ModelConfig:
         _choice("model.mlp", self.mlp, ("gelu", "gelu_tanh", "swiglu"))
         _choice("model.attn_impl", self.attn_impl, ("sdpa", "math"))
         _choice("model.heads", self.heads, ("mlm,nsp", "mlm", "none"))
-        for name in ("vocab_size", "max_seq_len", "n_layer", "n_head", "d_model"):  # before any division
+        # before any division; type_vocab_size: a bert's segment table (gpt builds none)
+        for name in ("vocab_size", "max_seq_len", "n_layer", "n_head", "d_model", "type_vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head:
@@ -319,7 +320,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"override {arg} needs a value: {arg}=VALUE")
             key, raw = arg[2:], args[i + 1]
             i += 1
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:  # '@x', 'runs/%d', '[a': the text as typed; from_dict names a type it lacks
+            value = raw
         parts = key.split(".")
         if _is_text(_field_type(parts)) and not isinstance(value, (str, list, dict)) and value is not None:
             value = raw  # a text field takes the text as typed: --train.out_dir=007 is '007', not '7'
@@ -351,6 +355,9 @@ def merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[s
     out = dict(base)
     for k, v in over.items():
         if isinstance(v, dict) and out.get(k) is not None and not isinstance(out[k], dict):
+            if not dataclasses.is_dataclass(_field_type(f"{where}{k}".split("."))):  # --train.lr.x=1
+                raise ConfigError(f"{where}{k} is a single value, not a section of keys; set it as "
+                                  f"--{where}{k}=VALUE")
             raise ConfigError(f"{where}{k} must be a mapping of keys, got {out[k]!r}; fix the YAML file")
         both = isinstance(v, dict) and isinstance(out.get(k), dict)
         out[k] = merge(out[k], v, f"{where}{k}.") if both else v

@@ -205,6 +205,9 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output {out} must end in .npy or .jsonl")
     if out is not None and out.is_dir():  # before the work, and named as given (not the temp file)
         raise ConfigError(f"--output {out} is a folder; give a file path ending in .npy or .jsonl")
+    if out is not None and out.is_file() and Path(args.input).is_file() and out.samefile(args.input):
+        raise ConfigError(f"--output {out} is the --input file; writing it would replace the texts, give "
+                          "another path")
     texts = read_texts(args.input, args.text_field)
     model, tok = load_encoder(args.run, args.device)
     vecs = embed(model, tok, texts, args.pooling, args.normalize, args.batch_size)

@@ -42,6 +42,10 @@ def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: 
     over = merge({"train": {"max_time": max_time, **({"max_steps": steps} if steps is not None else {})}},
                  parse_overrides(overrides or []))
     cfg = load_config(preset, over)  # a typo in the preset or an override fails now, before any deletion
+    for section, key in (("train", "out_dir"), ("data", "shards"), ("data", "tokenizer")):
+        if key in over.get(section, {}):  # pretrain would refuse it only after the tokenizer and shards
+            raise ConfigError(f"quickstart makes its own {section}.{key} under --out (OUT/run, OUT/shards, "
+                              f"OUT/tokenizer); drop --{section}.{key} and choose the folder with --out")
     if cfg.model.family != "gpt" or cfg.train.objective != "clm":
         raise ConfigError(f"quickstart trains a GPT (objective clm) but {preset} is a {cfg.model.family} "
                           f"preset for {cfg.train.objective}; use a gpt preset, or run the BERT steps of "

@@ -137,3 +137,43 @@ def test_a_yaml_bool_is_not_a_text_value(tmp_path):
         load_config(str(tmp_path / "c.yaml"))
     with pytest.raises(ConfigError, match="train.out_dir must be a string, got False"):
         load_config("gpt-tiny", {"train": {"out_dir": False}})
+
+
+@pytest.mark.parametrize("args, check", [
+    (["--train.out_dir=@runs"], lambda cfg: cfg.train.out_dir == "@runs"),  # a text field: as typed
+    (["--train.out_dir", "runs/%d"], lambda cfg: cfg.train.out_dir == "runs/%d"),
+    (["--data.tokenizer=*tok"], lambda cfg: cfg.data.tokenizer == "*tok"),
+    (["--train.lr=@"], "train.lr must be a number, got '@'"),
+    (["--model.n_layer=["], "model.n_layer must be an integer, got '['"),
+    (["--train.compile=%x"], "train.compile must be true or false, got '%x'"),
+    (["--nope.x=@"], "unknown config key 'nope'"),
+])
+def test_an_override_yaml_cannot_read_is_its_text_never_a_traceback(args, check):
+    """'@', '%', '*' and an open '[' start YAML syntax; the value is then the text as typed."""
+    if callable(check):
+        assert check(load_config("gpt-tiny", args))
+        return
+    with pytest.raises(ConfigError) as e:
+        load_config("gpt-tiny", args)
+    assert check in str(e.value)
+
+
+def test_a_dotted_override_below_a_value_names_the_override_not_the_yaml():
+    with pytest.raises(ConfigError) as e:
+        load_config("bert-tiny", ["--train.lr.x=1"])  # bert-tiny.yaml sets train.lr
+    assert str(e.value) == "train.lr is a single value, not a section of keys; set it as --train.lr=VALUE"
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_type_vocab_size_below_one_is_refused(value):
+    with pytest.raises(ConfigError, match=f"model.type_vocab_size must be >= 1, got {value}"):
+        load_config("bert-tiny", [f"--model.type_vocab_size={value}"])
+
+
+def test_cli_unknown_option_without_a_verb_is_a_usage_error_on_stderr(capsys):
+    from lmforge.cli import main
+
+    assert main(["--bogus"]) == 2
+    out, err = capsys.readouterr()
+    assert "VERB" in out  # the help, as before
+    assert err.startswith("error: unrecognized arguments: --bogus;") and err.count("\n") == 1, err

@@ -436,6 +436,15 @@ BAD = {  # name -> (case, how to break the folder, what the one-line error must 
     "generation-eos-float": ("gpt2", _generation_config(eos_token_id=[2, 1.5]),
                              r"generation_config.json: eos_token_id=\[2, 1.5\] must be a token id"),
     "architectures-str": ("gpt2", _set(architectures="GPT2LMHeadModel"), "must be a list of class names"),
+    # the slow-tokenizer files of an older folder, damaged: one line naming the file, never a traceback
+    "vocab-txt-not-utf8": ("bert-mlm", lambda d: (d / "vocab.txt").write_bytes(b"[PAD]\n\xff\xfe[UNK]\n"),
+                           "vocab.txt is not UTF-8 text; re-download it"),
+    "vocab-json-garbage": ("gpt2", lambda d: ((d / "vocab.json").write_text("garbage"),
+                                              (d / "merges.txt").write_text("#version: 0.2\n")),
+                           r"vocab.json \+ merges.txt cannot be read \(.*\); re-download them"),
+    "merges-txt-garbage": ("gpt2", lambda d: ((d / "vocab.json").write_text('{"a": 0, "b": 1, "ab": 2}'),
+                                              (d / "merges.txt").write_text("#version: 0.2\nab\n")),
+                           r"vocab.json \+ merges.txt cannot be read \(.*\); re-download them"),
 }
 
 

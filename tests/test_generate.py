@@ -585,3 +585,17 @@ def test_cli_dtype_reaches_the_loaded_model(tmp_path, capsys, monkeypatch):
                                  ("fp32", torch.float32, "PackedLinear")):
         assert main(["generate", str(run), "the cat", "--dtype", dtype, "--max-new-tokens", "2"]) == 0
         assert loaded[-1].tok_emb.weight.dtype == weights and type(loaded[-1].head).__name__ == head, dtype
+
+
+def test_api_load_refuses_a_bad_device_before_reading_like_the_cli(tmp_path, monkeypatch):
+    """lmforge.load(path, device=...) takes the names --device takes; a bad one is a ConfigError."""
+    from lmforge import api
+
+    run, _ = _run_dir(tmp_path, dict(GPT2, vocab_size=300))
+    with pytest.raises(ConfigError, match="device 'tpu' is not valid; use auto, cpu, cuda or cuda:N"):
+        api.load(run, device="tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="CUDA is not available; use device=cpu"):
+        api.load(run, device="cuda")
+    model, _ = api.load(run, device="auto")  # and "auto" picks the CPU here
+    assert next(model.parameters()).device.type == "cpu"

@@ -272,3 +272,13 @@ def test_cli_embed_writes_jsonl_to_stdout_with_the_pooling_asked(runs, tok, tmp_
         assert main([*argv, "--device", "cuda"]) == 2
         err = capsys.readouterr().err
         assert "CUDA is not available; use --device=cpu" in err and err.count("\n") == 1, err
+
+
+def test_embed_output_that_is_the_input_file_is_refused_and_the_input_kept(runs, tmp_path, capsys):
+    src = tmp_path / "texts.jsonl"
+    src.write_text('{"text": "a cat"}\n{"text": "a dog"}\n')
+    before = src.read_bytes()
+    assert main(["embed", str(runs / "none"), "--input", str(src), "--output", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {src} is the --input file;") and err.count("\n") == 1, err
+    assert src.read_bytes() == before

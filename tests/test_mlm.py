@@ -696,3 +696,17 @@ def test_masker_never_selects_a_special_token_but_does_select_unk(shards):
     _, y = Masker(tok, mlm_prob=0.5, whole_word=False)(ids, seed=0)
     assert (y[torch.isin(ids, torch.tensor(specials))] == IGNORE).all()
     assert (y[ids == tok.unk_id] == tok.unk_id).float().mean() > 0.4
+
+
+def test_nsp_with_a_one_row_segment_table_is_a_config_error_not_an_index_error():
+    """Sentence B has segment id 1: a model with type_vocab_size=1 (e.g. RoBERTa-like) cannot take it.
+    The stream refuses before reading any shard, so pretrain, the Trainer and eval all stop cleanly."""
+    from lmforge.config import ModelConfig, RunConfig, TrainConfig
+    from lmforge.errors import ConfigError
+    from lmforge.objectives.mlm import MaskedLMWithNSP
+
+    cfg = RunConfig(model=ModelConfig(family="bert", vocab_size=64, max_seq_len=32, n_layer=1, n_head=2,
+                                      d_model=16, type_vocab_size=1), train=TrainConfig(objective="mlm,nsp"))
+    with pytest.raises(ConfigError, match="objective mlm,nsp needs model.type_vocab_size >= 2 .*got 1; "
+                                          "use objective mlm"):
+        MaskedLMWithNSP(cfg, None).stream("train", 2, seed=0)

@@ -61,6 +61,9 @@ def test_quickstart_refuses_foreign_out_dir(tmp_path):
 @pytest.mark.parametrize("kw,message", [
     (dict(steps=0), "--steps must be >= 1, got 0"),
     (dict(preset="bert-tiny"), "quickstart trains a GPT (objective clm) but bert-tiny is a bert preset"),
+    # folders quickstart makes under --out itself: pretrain refused them only after tokenizer and shards
+    (dict(overrides=["--train.out_dir=elsewhere"]), "quickstart makes its own train.out_dir under --out"),
+    (dict(overrides=["--data.shards=mine"]), "quickstart makes its own data.shards under --out"),
 ])
 def test_quickstart_refuses_what_it_cannot_do_before_any_work(kw, message, tmp_path, capsys):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

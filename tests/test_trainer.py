@@ -979,3 +979,37 @@ def test_cli_resume_with_no_readable_checkpoint_is_one_line(shards, tmp_path, ca
     assert err[-1].startswith("error: no readable checkpoint") and "Traceback" not in "".join(err), err
     assert sum(ln.startswith("error: ") for ln in err) == 1, err
     assert [p.name for p in ck.list_checkpoints(out)] == ["step-000002", "step-000004"]  # nothing renamed
+
+
+def test_trainer_refuses_a_window_longer_than_the_model_before_writing_anything(tmp_path):
+    """The API path (load_config -> make_objective -> Trainer) checks what `lmforge pretrain` checks."""
+    from lmforge.errors import ConfigError
+
+    cfg = tiny_cfg(tmp_path)
+    cfg.data.seq_len = 2 * SEQ
+    with pytest.raises(ConfigError, match=f"data.seq_len={2 * SEQ} is longer than model.max_seq_len={SEQ}; "
+                                          f"pass --data.seq_len={SEQ}"):
+        make_trainer(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_refuses_a_tokenizer_the_shards_were_not_prepared_with(tmp_path):
+    import dataclasses
+
+    from lmforge.errors import DataError
+    from lmforge.tokenizer import train
+
+    ours = train("bpe", ["the cat sat on the mat " * 20], vocab_size=270, min_frequency=1)
+    theirs = train("bpe", ["a dog ran in the fog " * 20], vocab_size=270, min_frequency=1)
+    root = tmp_path / "shards"
+    (root / "train").mkdir(parents=True)
+    np.zeros(4 * SEQ, dtype="<u2").tofile(root / "train" / "shard-00000.bin")
+    (root / "meta.json").write_text(json.dumps({
+        "version": 1, "dtype": "uint16", "vocab_size": 270, "tokenizer_hash": theirs.hash,
+        "splits": {"train": {"tokens": 4 * SEQ, "documents": 1, "shards": ["train/shard-00000.bin"]}}}))
+    cfg = tiny_cfg(tmp_path)
+    cfg.model, cfg.data.shards = dataclasses.replace(cfg.model, vocab_size=300), str(root)
+    with pytest.raises(DataError, match="the tokenizer is not the one .* was prepared with"):
+        Trainer(cfg, GPT(cfg.model), CausalLM(cfg, ours), ours, progress=False)
+    Trainer(cfg, GPT(cfg.model), CausalLM(cfg, theirs), theirs, progress=False)  # its own: fine
+    assert not (tmp_path / "run").exists()

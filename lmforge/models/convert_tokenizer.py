@@ -35,9 +35,12 @@ def wordpiece_from_vocab(
     [0, 0, 0, 0, 1, 1]
     """
     vocab: dict[str, int] = {}
-    with vocab_file.open(encoding="utf-8") as f:  # as transformers' load_vocab: id = line number, even for
-        for i, line in enumerate(f.readlines()):  # a blank line or a repeat (the last one wins); only \n
-            vocab[line.rstrip("\n")] = i          # (and \r\n) ends a line, not U+2028 and friends
+    try:
+        with vocab_file.open(encoding="utf-8") as f:  # as transformers' load_vocab: id = line number, even
+            for i, line in enumerate(f.readlines()):  # for a blank line or a repeat (the last one wins); only
+                vocab[line.rstrip("\n")] = i          # \n (and \r\n) ends a line, not U+2028 and friends
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{vocab_file} is not UTF-8 text; re-download it") from None
     for needed in ("[UNK]", "[CLS]", "[SEP]"):
         if needed not in vocab:
             raise CheckpointError(
@@ -62,7 +65,12 @@ def wordpiece_from_vocab(
 
 def bytelevel_bpe_from_files(vocab_file: Path, merges_file: Path) -> Tokenizer:
     """GPT-2's byte-level BPE from `vocab.json` + `merges.txt` (no prefix space, no post-processing)."""
-    tok = Tokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
+    try:
+        tok = Tokenizer(models.BPE.from_file(str(vocab_file), str(merges_file)))
+    except Exception as e:  # the Rust side raises a plain Exception: "Error while reading BPE files: ..."
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{vocab_file} + {merges_file.name} cannot be read ({why}); "
+                              "re-download them") from None
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)

@@ -244,6 +244,9 @@ class MaskedLMWithNSP(MaskedLM):
         if self.seq_len < self.min_seq_len:
             raise ConfigError(f"data.seq_len={self.seq_len} is too short for sentence pairs; "
                               f"use >= {self.min_seq_len}")
+        if self.cfg.model.type_vocab_size < 2:  # sentence B's segment id 1 needs a row of its own
+            raise ConfigError(f"objective mlm,nsp needs model.type_vocab_size >= 2 (segments A and B), got "
+                              f"{self.cfg.model.type_vocab_size}; use objective mlm")
         enders = {i for i in (tok.token_to_id(t) for t in SENTENCE_END) if i is not None}
         docs = SplitDocuments(self.cfg.data.shards, split, enders, max_piece=(self.seq_len - 3) // 2)
         return NSPStream(docs, self.masker(), tok, self.seq_len, batch_size, seed, rank, world_size,

@@ -38,7 +38,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
     from lmforge.objectives import make_objective
     from lmforge.tokenizer import Tokenizer
     from lmforge.train.checkpoint import apply_weights, list_checkpoints
-    from lmforge.train.trainer import Trainer, check_vocab
+    from lmforge.train.trainer import Trainer, check_seq_len, check_vocab
 
     over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     cli = {"data": {"shards": shards},
@@ -70,9 +70,7 @@ def pretrain(config: str, shards: str | None = None, objective: str | None = Non
         tokenizer.add_eos_ids(eos_ids(cfg.train.init_from))
     check_vocab(cfg.model.vocab_size, max(tokenizer.vocab_size, int(meta.get("vocab_size", 0))))
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
-    if seq_len > cfg.model.max_seq_len:
-        raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={cfg.model.max_seq_len}; "
-                          f"pass --data.seq_len={cfg.model.max_seq_len} or raise model.max_seq_len")
+    check_seq_len(seq_len, cfg.model.max_seq_len)  # the Trainer checks it too; here before any model is built
     _check_out_dir(Path(cfg.train.out_dir), resume, overwrite)
     if resume:
         _check_run_tokenizer(Path(cfg.train.out_dir), tokenizer, tok_path)

@@ -36,7 +36,7 @@ from torch import nn
 
 from lmforge import kernels, runtime
 from lmforge.config import RunConfig, save_run_yaml
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import ConfigError, DataError, LmforgeError
 from lmforge.io import atomic_write_bytes, atomic_write_text
 from lmforge.models.convert_config import eos_ids
 from lmforge.models.info import flops_per_token
@@ -67,6 +67,26 @@ def check_vocab(vocab_size: int, needed: int) -> None:
                           f"tokens; pass --model.vocab_size={needed}")
 
 
+def check_seq_len(seq_len: int, max_seq_len: int) -> None:
+    """ConfigError unless the training window fits the model's positions."""
+    if seq_len > max_seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than model.max_seq_len={max_seq_len}; "
+                          f"pass --data.seq_len={max_seq_len} or raise model.max_seq_len")
+
+
+def check_shards_tokenizer(shards: str, tokenizer) -> None:
+    """DataError when the shards' meta.json records another tokenizer than `tokenizer` (its ids would
+    train on in silence); nothing to check without shards or a recorded hash."""
+    from lmforge.data.prepare import load_meta
+
+    if not shards or not (Path(shards) / "meta.json").is_file() or not hasattr(tokenizer, "hash"):
+        return
+    recorded = load_meta(shards).get("tokenizer_hash")
+    if recorded and tokenizer.hash != recorded:
+        raise DataError(f"the tokenizer is not the one {shards} was prepared with; load "
+                        f"{Path(shards) / 'tokenizer.json'} or re-run `lmforge prepare` with it")
+
+
 class Trainer:
     """Trainer(cfg, model, objective, tokenizer=None, out_dir=None). `out_dir` defaults to cfg.train.out_dir.
 
@@ -88,6 +108,8 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(objective, "tokenizer", None)
         if self.tokenizer is not None:  # before any step: an id past the table is an IndexError mid-run
             check_vocab(cfg.model.vocab_size, self.tokenizer.vocab_size)
+            check_shards_tokenizer(cfg.data.shards, self.tokenizer)
+        check_seq_len(objective.seq_len, getattr(model, "cfg", cfg.model).max_seq_len)
         self.progress = progress
         self.should_stop: Callable[[int, int], bool] | None = None
         self.step = 0
