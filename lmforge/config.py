@@ -84,8 +84,8 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:  # written so that NaN fails too, as below
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for name in ("init_std", "norm_eps", "rope_theta"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:  # NaN fails too
+                raise ConfigError(f"model.{name} must be > 0 and finite, got {getattr(self, name)}")
 
     @property
     def kv_heads(self) -> int:
@@ -168,8 +168,10 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(self, name)}")
-        if not self.eps > 0:
-            raise ConfigError(f"train.eps must be > 0, got {self.eps}")
+        if not 0 < self.eps < math.inf:
+            raise ConfigError(f"train.eps must be > 0 and finite, got {self.eps}")
+        if self.peak_flops is not None and not 0 < self.peak_flops < math.inf:
+            raise ConfigError(f"train.peak_flops must be > 0 FLOP/s (or null: detect), got {self.peak_flops}")
         if self.max_time is not None and not 0 <= self.max_time < math.inf:
             raise ConfigError(f"train.max_time must be >= 0 seconds (or null: no limit), got {self.max_time}")
         if not 0.0 < self.mlm_prob < 1.0:

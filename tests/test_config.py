@@ -70,6 +70,12 @@ def test_text_fields_keep_overrides_as_typed():
         (["--data.seq_len=0"], "data.seq_len must be >= 1 (or null: model.max_seq_len), got 0"),
         (["--data.seq_len=-5"], "data.seq_len must be >= 1"),
         (["--model.n_kv_head=0"], "model.n_kv_head must be >= 1 (or null: model.n_head), got 0"),
+        (["--model.init_std=inf"], "model.init_std must be > 0 and finite, got inf"),  # inf weights
+        (["--model.norm_eps=.inf"], "model.norm_eps must be > 0 and finite, got inf"),
+        (["--model.rope_theta=inf"], "model.rope_theta must be > 0 and finite, got inf"),
+        (["--train.eps=inf"], "train.eps must be > 0 and finite, got inf"),  # AdamW would never move
+        (["--train.peak_flops=-1e12"], "train.peak_flops must be > 0 FLOP/s (or null: detect)"),
+        (["--train.peak_flops=0"], "train.peak_flops must be > 0 FLOP/s"),  # MFU = x / 0
     ],
 )
 def test_bad_overrides_name_the_key(args, needle):
