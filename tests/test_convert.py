@@ -1075,3 +1075,15 @@ def test_a_force_whose_final_rename_fails_keeps_the_old_model_folder(tmp_path, c
     monkeypatch.undo()
     assert _files(out) == before
     load_model(out)
+
+
+def test_a_missing_folder_is_named_missing_and_a_file_not_a_directory(tmp_path):
+    from lmforge.models.convert_config import read_hf_config
+    from lmforge.models.store import load_config_json
+
+    (tmp_path / "file").write_text("x")
+    for read, what in ((read_hf_config, "a Hugging Face model folder"), (load_config_json, "a run dir")):
+        with pytest.raises(CheckpointError, match=f"nope does not exist; give {what}"):
+            read(tmp_path / "nope")
+        with pytest.raises(CheckpointError, match=f"file is not a directory; give {what}"):
+            read(tmp_path / "file")

@@ -537,7 +537,7 @@ def test_init_from_starts_a_new_run_from_another_runs_weights(shards, tmp_path, 
     assert "prepared with another tokenizer" in capsys.readouterr().err
     assert pretrain_cli("--data.shards", shards, "--out", tmp_path / "z", "--init-from",
                         tmp_path / "nope") == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert f"{tmp_path / 'nope'} does not exist; give a run dir" in capsys.readouterr().err
     assert not any((tmp_path / d).exists() for d in "xyz")
 
 

@@ -92,7 +92,8 @@ def eos_ids(folder: str | Path) -> list[int]:
 def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
-        raise CheckpointError(f"{hf_dir} is not a directory; give a Hugging Face model folder")
+        what = "is not a directory" if hf_dir.exists() else "does not exist"
+        raise CheckpointError(f"{hf_dir} {what}; give a Hugging Face model folder")
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir} has no config.json; an HF model folder needs config.json + weights")
     return read_json(hf_dir / "config.json")

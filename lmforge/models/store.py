@@ -74,7 +74,8 @@ def load_config_json(run_dir: str | Path) -> ModelConfig:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CheckpointError(
-            f"{run_dir} is not a directory; give a run dir holding {CONFIG_FILE} + {WEIGHTS_FILE}"
+            f"{run_dir} {'is not a directory' if run_dir.exists() else 'does not exist'}; give a run dir "
+            f"holding {CONFIG_FILE} + {WEIGHTS_FILE}"
         )
     path = run_dir / CONFIG_FILE
     if not path.is_file():
