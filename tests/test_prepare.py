@@ -256,6 +256,23 @@ def test_single_text_file_still_gets_a_val_split(bpe, tmp_path):
     assert meta["splits"]["train"]["documents"] == 1 and meta["split_lone_document"] is False
 
 
+def test_val_docs_0_asks_for_no_val_split_as_val_fraction_0_does(bpe, tmp_path, capsys):
+    # --val-docs replaces --val-fraction, whose default the CLI still passes: N = 0 must not cut a lone
+    # document for a val split nobody asked for, nor note that the val split came out empty
+    src = tmp_path / "one.txt"
+    src.write_text("\n\n".join(f"Paragraph {i}: the quick brown fox." for i in range(100)))
+    common = ["prepare", "--data", str(src), "--tokenizer", str(bpe), "--workers", "1"]
+    assert main([*common, "--out", str(tmp_path / "f0"), "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "d0"), "--val-docs", "0"]) == 0
+    assert "val split is empty" not in capsys.readouterr().out
+    f0, d0 = (json.loads((tmp_path / n / "meta.json").read_text()) for n in ("f0", "d0"))
+    assert d0["split_lone_document"] is False and d0["splits"] == f0["splits"]
+    assert d0["splits"]["train"]["documents"] == 1 and d0["splits"]["val"]["documents"] == 0
+    shard = "train/shard-00000.bin"
+    assert (tmp_path / "d0" / shard).read_bytes() == (tmp_path / "f0" / shard).read_bytes()
+
+
 def test_tiktoken_forced_refuses_when_the_guard_finds_a_difference(bpe, corpus, tmp_path, monkeypatch,
                                                                    capsys):
     from lmforge.data import prepare as prep

@@ -212,7 +212,8 @@ def prepare(
     else:  # blank documents are dropped as the file readers drop them, before a lone document is cut
         documents = (d for d in documents if d and not d.isspace())
     lone: dict = {}
-    wants_val = val_fraction > 0 or (val_docs or 0) > 0
+    # --val-docs N replaces --val-fraction (whose default the CLI still passes): N = 0 asks for no val
+    wants_val = val_docs > 0 if val_docs is not None else val_fraction > 0
     stream = batches(split_lone_document(documents, seen=lone) if wants_val else documents)
     first = next(stream, None)
     if first is None:
@@ -267,7 +268,7 @@ def prepare(
             raise DataError(
                 f"all {n_docs} document(s) went to val; add documents or lower --val-fraction / --val-docs"
             )
-        if splits["val"]["documents"] == 0 and (val_docs or val_fraction):
+        if splits["val"]["documents"] == 0 and wants_val:
             print("note: the val split is empty; evaluation needs more documents or a larger --val-fraction")
         shutil.copyfile(tokenizer if Path(tokenizer).is_file() else Path(tokenizer) / "tokenizer.json",
                         tmp / "tokenizer.json")
