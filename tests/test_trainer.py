@@ -1,9 +1,14 @@
 """The one Trainer: accumulation equals the big batch (padding too), run dir, NaN / time stops, CLI."""
 
 import copy
+import errno
+import io
 import json
 import math
+import os
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1013,3 +1018,137 @@ def test_trainer_refuses_a_tokenizer_the_shards_were_not_prepared_with(tmp_path)
         Trainer(cfg, GPT(cfg.model), CausalLM(cfg, ours), ours, progress=False)
     Trainer(cfg, GPT(cfg.model), CausalLM(cfg, theirs), theirs, progress=False)  # its own: fine
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# logging writes on a full disk: metrics.jsonl, TensorBoard events, loss.png
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+FULL = "error: No space left on device; check the path, its permissions and free disk space"
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a disk with `room` bytes left: a short write, then `exc` (ENOSPC) on every write after."""
+
+    def __init__(self, path, room, exc=ENOSPC):
+        self.f, self.room, self.exc = open(path, "ab", buffering=0), room, exc
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        if self.room <= 0:
+            raise self.exc
+        n = self.f.write(bytes(b[: self.room]))
+        self.room -= n
+        return n
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def _tb_threads():
+    return [t for t in threading.enumerate() if type(t).__module__.startswith("tensorboard.")]
+
+
+@pytest.mark.parametrize("exc, code, last", [(ENOSPC, 2, FULL), (KeyboardInterrupt(), 130, "interrupted")],
+                         ids=["enospc", "ctrl-c"])
+def test_metrics_jsonl_on_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(
+        shards, tmp_path, capsys, monkeypatch, exc, code, last):
+    """metrics.jsonl takes the step-2 eval line, then its disk fills (or Ctrl-C lands) in the step-4 line:
+    one line, step-000002 kept (step 4's was not written yet), TensorBoard closed all the same, and
+    --resume drops the torn line and finishes."""
+    out, real_open = tmp_path / "run", Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        if self.name == "metrics.jsonl" and mode == "a":
+            return io.TextIOWrapper(io.BufferedWriter(_FullDisk(self, 200, exc)), encoding="utf-8")
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", open_)
+    before = set(_tb_threads())
+    rc = pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                      "--train.save_every=2", "--train.tensorboard=true")
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == code and err.splitlines()[-1] == last and "Traceback" not in err, err
+    assert set(_tb_threads()) <= before  # the TensorBoard writer was closed too, not left running
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step-000002"]
+    assert not (out / "metrics.jsonl").read_text().endswith("\n")  # torn by the full disk
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2", "--resume") == 0
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == [2, 4, 4]
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step-000002", "step-000004"]
+
+
+# RecordWriter.write: 1 = the event file's header, 2-5 = the step-2 eval scalars, 6-11 = step 4's train ones
+@pytest.mark.parametrize("n, kept", [(2, None), (6, ["step-000002"])], ids=["step-2-eval", "step-4-train"])
+def test_a_tensorboard_write_on_a_full_disk_is_one_line_and_the_last_checkpoint_resumes(
+        shards, tmp_path, capsys, monkeypatch, fail_nth, n, kept):
+    """TensorBoard writes in a thread of its own; its full disk stops the run all the same, at the step it
+    happened (before that step's checkpoint), with one line: no thread traceback on stderr."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)  # as outside pytest
+    fail_nth(RecordWriter, "write", n, ENOSPC)
+    out = tmp_path / "run"
+    rc = pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                      "--train.save_every=2", "--train.tensorboard=true")
+    err = capsys.readouterr().err
+    assert rc == 2 and err.splitlines()[-1] == FULL, err
+    assert "Traceback" not in err and "Exception in thread" not in err, err
+    assert threading.excepthook is threading.__excepthook__  # put back after the run
+    monkeypatch.undo()
+    if kept is None:  # failed before the first checkpoint: no half-made run dir
+        assert not out.exists()
+        return
+    assert [p.name for p in ck.list_checkpoints(out)] == kept
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320",
+                        "--train.save_every=2", "--resume") == 0
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step-000002", "step-000004"]
+
+
+def test_a_tensorboard_folder_that_cannot_be_made_is_one_line(shards, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    (out / "tb").write_text("a file where TensorBoard's folder goes")
+    monkeypatch.setattr(threading, "excepthook", threading.__excepthook__)
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--resume",
+                        "--train.max_steps=6", "--train.tensorboard=true") == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (f"error: File exists: {out / 'tb'}; check the path, "
+                                                        "its permissions and free disk space")
+    assert threading.excepthook is threading.__excepthook__
+    assert [p.name for p in ck.list_checkpoints(out)] == ["step-000004"]
+
+
+@pytest.mark.parametrize("exc, code", [(ENOSPC, 0), (KeyboardInterrupt(), 130)], ids=["enospc", "ctrl-c"])
+def test_loss_png_that_cannot_be_written_keeps_the_old_one_and_the_checkpoints(shards, tmp_path, capsys,
+                                                                               monkeypatch, exc, code):
+    """loss.png is drawn last: a full disk there is a one-line warning, not a failed run; Ctrl-C is
+    Ctrl-C. Either way the old loss.png stays, no temp file is left and the new checkpoint is whole."""
+    out = tmp_path / "run"
+    assert pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320") == 0
+    old_png = (out / "loss.png").read_bytes()
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "loss.png":
+            raise exc
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    capsys.readouterr()
+    rc = pretrain_cli("--data.shards", shards, "--out", out, "--model.vocab_size=320", "--resume",
+                      "--train.max_steps=6")
+    monkeypatch.undo()
+    err = capsys.readouterr().err.splitlines()
+    if code == 0:
+        warning = "warning: loss.png not written (OSError: [Errno 28] No space left on device)"
+        assert rc == 0 and warning in err, err
+    else:
+        assert rc == 130 and err[-1] == "interrupted"
+    assert (out / "loss.png").read_bytes() == old_png
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no .loss.png.*.tmp
+    ckpt, state, _ = ck.latest_good(out)
+    assert ckpt.name == "step-000006" and state["step"] == 6

@@ -12,9 +12,10 @@ One optimizer step = one accumulation cycle of `grad_accum` micro-batches:
 
 Around it: bf16 autocast (runtime.autocast), optional torch.compile, eval on the val split every
 `eval_every` steps (loss, perplexity, objective extras such as bits per byte), logging (tqdm bar with
-loss, tokens/s, MFU and ETA; RUN/metrics.jsonl; TensorBoard under RUN/tb; RUN/loss.png at the end) and
-checkpoints (train/checkpoint.py). A stop request (SIGINT or the `should_stop` hook) is honoured after
-any micro-batch: the checkpoint then holds the partial gradients of the cycle (when they and the partial
+loss, tokens/s, MFU and ETA; RUN/metrics.jsonl; TensorBoard under RUN/tb; RUN/loss.png at the end: a log
+write that fails stops the run, a loss.png that cannot be written is a warning) and checkpoints
+(train/checkpoint.py). A stop request (SIGINT or the `should_stop` hook) is honoured after any
+micro-batch: the checkpoint then holds the partial gradients of the cycle (when they and the partial
 loss are finite; otherwise 3. applies). train.max_time is checked after each optimizer step. After a
 SIGINT stop `fit` raises KeyboardInterrupt once the checkpoint is written.
 """
@@ -381,9 +382,19 @@ class Trainer:
         if self.t.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.step + 1 if resume else None)
+            self._excepthook = threading.excepthook
+            threading.excepthook = _quiet_tensorboard_thread(self._excepthook)
+            purge = self.step + 1 if resume else None
+            try:
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
+            except BaseException:  # e.g. a file named tb: nothing left open, the hook put back
+                threading.excepthook = self._excepthook
+                self._metrics.close()
+                raise
 
     def _log(self, record: dict[str, float]) -> None:
+        """One line of metrics.jsonl (and TensorBoard scalars). A write that fails (a full disk) stops the
+        run right here, whichever of the two it hits, as a failed checkpoint save does."""
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self._tb is not None:
@@ -391,15 +402,41 @@ class Trainer:
                 if key != "step":
                     tag = "val/" + key[4:] if key.startswith("val_") else f"train/{key}"
                     self._tb.add_scalar(tag, value, record["step"])
+            self._tb.flush()  # its writer thread's error (a full disk) is raised here, not some steps later
 
     def _close_logs(self) -> None:
-        self._metrics.close()
-        if self._tb is not None:
-            self._tb.close()
+        """Close metrics.jsonl and TensorBoard (both, also when one fails: a full disk fails the close of
+        a file with data still buffered), then draw loss.png."""
+        try:
+            self._metrics.close()
+        finally:
+            if self._tb is not None:
+                try:
+                    self._tb.close()
+                finally:
+                    for thread in threading.enumerate():  # a failed writer thread: let it end quietly
+                        if _is_tensorboard(thread) and getattr(thread, "exception", None) is not None:
+                            thread.join(timeout=10)
+                    threading.excepthook = self._excepthook
         try:
             plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         except Exception as e:  # a missing plot never fails a run
             print(f"warning: loss.png not written ({e.__class__.__name__}: {e})", file=sys.stderr)
+
+
+def _is_tensorboard(thread: threading.Thread) -> bool:
+    return type(thread).__module__.startswith("tensorboard.")
+
+
+def _quiet_tensorboard_thread(hook: Callable) -> Callable:
+    """threading.excepthook less the traceback of TensorBoard's event writer thread: the writer raises
+    that error again in the training thread (Trainer._log), where the CLI makes it one line."""
+
+    def excepthook(args) -> None:
+        if not (_is_tensorboard(args.thread) and issubclass(args.exc_type, Exception)):
+            hook(args)
+
+    return excepthook
 
 
 def _record(line: str) -> dict | None:
