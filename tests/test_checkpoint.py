@@ -429,3 +429,77 @@ def test_a_truncated_tokenizer_json_in_the_newest_checkpoint_falls_back(two_chec
     path.write_text("" if damage == "empty" else text[: len(text) // 2])
     ckpt, _, _ = ck.latest_good(run)
     assert ckpt.name == "step-000002"
+
+
+# ---------------------------------------------------------------------------------------------
+# keep-last-K pruning cut short: an older checkpoint folder missing some of its files
+
+
+@pytest.mark.parametrize("left", [[], ["config.json"], [ck.STATE_FILE], ["config.json", "model.safetensors"]],
+                         ids=["empty", "config-only", "state-only", "no-state"])
+def test_a_half_pruned_older_checkpoint_is_passed_over_and_pruned_by_the_next_save(two_checkpoints, tmp_path,
+                                                                                     capsys, left):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    half = run / "checkpoints" / "step-000002"
+    for f in half.iterdir():
+        if f.name not in left:
+            f.unlink()
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-000002", "step-000004"]  # still listed
+    ckpt, state, _ = ck.latest_good(run)  # the newest good one; the half one is not even read
+    assert ckpt.name == "step-000004" and state["step"] == 4
+    assert sorted(f.name for f in half.iterdir()) == sorted(left) and "warning" not in capsys.readouterr().err
+    # --resume goes on from step 4; its save at step 6 (keep_last=2) removes the half one whole
+    trainer = make_trainer(tiny_cfg(tmp_path, max_steps=6, save_every=2, keep_last=2))
+    trainer.fit(resume=True)
+    assert trainer.step == 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+
+
+@pytest.mark.parametrize("left", [[], ["config.json"], ["config.json", "model.safetensors"]],
+                         ids=["empty", "config-only", "no-state"])
+def test_a_half_pruned_checkpoint_reached_after_a_corrupt_newer_one_is_a_clear_error(two_checkpoints,
+                                                                                       tmp_path, left):
+    """Only when every newer one is unreadable does resume get to the half-pruned one: skipped as corrupt
+    like them, then the one-line 'no readable checkpoint' error; nothing renamed, nothing crashes."""
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    for f in (run / "checkpoints" / "step-000002").iterdir():
+        if f.name not in left:
+            f.unlink()
+    (run / "checkpoints" / "step-000004" / ck.STATE_FILE).write_bytes(b"")
+    with pytest.raises(CheckpointError, match="^no readable checkpoint in .*step-000004") as e:
+        ck.latest_good(run)
+    assert "\n" not in str(e.value)
+    assert [p.name for p in ck.list_checkpoints(run)] == ["step-000002", "step-000004"]
+
+
+# os.unlink inside shutil.rmtree: 1-3 = the three files of the pruned step-000002
+@pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+@pytest.mark.parametrize("module, name, n", [(shutil, "rmtree", 1), (os, "unlink", 2)],
+                         ids=["before-removing", "midway"])
+def test_a_prune_cut_short_keeps_the_new_checkpoint_and_the_next_save_finishes_it(
+        two_checkpoints, tmp_path, monkeypatch, fail_nth, module, name, n, exc):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    root = run / "checkpoints"
+    trainer = make_trainer(tiny_cfg(tmp_path, max_steps=8))
+
+    def state(step):
+        return {"step": step, "micro": 0, "optimizer": trainer.optimizer.state_dict(), "stream": {"pos": 0},
+                "rng": ck.rng_state()}
+
+    fail_nth(module, name, n, exc)
+    if name == "unlink" and isinstance(exc, OSError):  # rmtree(ignore_errors=True) goes on past it
+        ck.save_checkpoint(run, trainer.model, None, state(6), keep_last=2)
+    else:
+        with pytest.raises(type(exc)):
+            ck.save_checkpoint(run, trainer.model, None, state(6), keep_last=2)
+    monkeypatch.undo()
+    # the new checkpoint is whole and resumed from; step-000002 may be gone, whole or half-pruned
+    assert [p.name for p in ck.list_checkpoints(run)][-2:] == ["step-000004", "step-000006"]
+    ckpt, loaded, _ = ck.latest_good(run)
+    assert ckpt.name == "step-000006" and loaded["step"] == 6
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp or aside folder
+    ck.save_checkpoint(run, trainer.model, None, state(8), keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000008"]

