@@ -79,7 +79,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
             except BaseException:
                 os.replace(old, final)  # the second rename failed (disk full, Ctrl-C): the old one back
                 raise
-            shutil.rmtree(old, ignore_errors=True)
+            _drop(old)
         else:
             os.replace(tmp, final)
     except BaseException:
@@ -124,7 +124,17 @@ def replacing(path: str | Path, keep_failed: Callable[[], bool] = lambda: False)
             os.replace(old, path)
         raise
     if moved:
+        _drop(old)
+
+
+def _drop(old: Path) -> None:
+    """Delete an aside copy once the new contents are in place; a Ctrl-C midway still finishes it (a
+    half-deleted copy left behind would look like the earlier contents a killed run could not put back)."""
+    try:
         _remove(old)
+    except BaseException:
+        _remove(old)
+        raise
 
 
 def _aside(path: Path) -> Path:
@@ -145,7 +155,8 @@ def _note_stale_asides(path: Path) -> None:
         pid = re.fullmatch(r"(\d+)(-\d+)?", aside.name[len(path.name) + 6:])
         if pid and (int(pid[1]) == os.getpid() or not _alive(int(pid[1]))):
             print(f"note: {aside} holds what {path} held before a run (pid {pid[1]}) that was killed while "
-                  f"replacing it; move it back over {path}, or delete it", file=sys.stderr)
+                  f"replacing it; if {path} is missing or incomplete move it back over it, else delete it",
+                  file=sys.stderr)
 
 
 def _alive(pid: int) -> bool:

@@ -55,7 +55,7 @@ def test_an_aside_left_by_a_killed_run_is_named_and_never_deleted(tmp_path, caps
         out.mkdir()
         (out / "new.txt").write_text("new")
     notes = [x for x in capsys.readouterr().err.splitlines() if x.startswith("note: ")]
-    assert len(notes) == 2 and all("killed while replacing it; move it back" in x for x in notes)
+    assert len(notes) == 2 and all("killed while replacing it; if" in x for x in notes)
     assert not any(str(live) in x for x in notes)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".old-" in str(p)} == before
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
@@ -132,3 +132,25 @@ def test_atomic_dir_keeps_the_old_folder_when_the_final_rename_fails(tmp_path, m
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert _tree(out) == {Path("a.txt"): b"old"}
+
+
+@pytest.mark.parametrize("writer", ["atomic_dir", "replacing"])
+def test_ctrl_c_while_the_old_copy_is_deleted_still_deletes_it(tmp_path, monkeypatch, fail_nth, writer):
+    """The new folder is in place when the old copy is deleted: a Ctrl-C then must not leave a half-deleted
+    .out.old-PID, which the next run would name as a killed run's earlier output to move back."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in "abc":
+        (out / f"{name}.txt").write_text("old")
+    fail_nth(os, "unlink", 2, KeyboardInterrupt())  # in the middle of deleting the old copy's files
+    with pytest.raises(KeyboardInterrupt):
+        if writer == "atomic_dir":
+            with atomic_dir(out) as tmp:
+                (tmp / "new.txt").write_text("new")
+        else:
+            with replacing(out):
+                out.mkdir()
+                (out / "new.txt").write_text("new")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert _tree(out) == {Path("new.txt"): b"new"}
