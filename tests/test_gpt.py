@@ -114,7 +114,7 @@ def _rewrite_tensors(run: Path, fn) -> None:
 
 
 @pytest.mark.parametrize("case,match", [
-    ("no_dir", "not a directory"),
+    ("no_dir", "nope does not exist; give a run dir"),
     ("no_config", "config.json is missing"),
     ("no_weights", "model.safetensors is missing"),
     ("unknown_key", "unknown config key 'model.n_layers'"),
