@@ -68,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if getattr(args, "overrides", False):
             args.overrides = extra
-        if not hasattr(args, "func"):
-            parser.parse_args([args.verb, "--help"])
         return int(args.func(args) or 0)
     except LmforgeError as e:
         if debug:

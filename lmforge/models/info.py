@@ -125,7 +125,7 @@ def format_info(cfg: RunConfig, info: dict) -> str:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="model_cmd", metavar="CMD")
+    sub = parser.add_subparsers(dest="model_cmd", metavar="CMD", required=True)
     p = sub.add_parser("info", help="parameters, FLOPs per token and training memory of a config")
     p.add_argument("config", help="preset name or YAML path, then --model.x=N overrides")
     p.set_defaults(func=_cmd_info, overrides=True)
