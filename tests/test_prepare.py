@@ -256,6 +256,28 @@ def test_single_text_file_still_gets_a_val_split(bpe, tmp_path):
     assert meta["splits"]["train"]["documents"] == 1 and meta["split_lone_document"] is False
 
 
+def test_a_file_of_one_long_line_still_gets_a_val_split(bpe, tmp_path):
+    """A lone document without blank lines or line ends (one long line, trailing newline or not; a run
+    of CJK text without spaces) is cut too: at spaces, else anywhere. It used to stay whole, so the val
+    split came out empty and --val-docs N put everything in val."""
+    tok = Tokenizer.load(bpe)
+    for name, text in (("words.txt", " ".join(f"w{i % 50}" for i in range(3000)) + "\n"),
+                       ("zh.txt", ZH * 40)):
+        src = tmp_path / name
+        src.write_text(text, encoding="utf-8")
+        meta = prepare([str(src)], bpe, tmp_path / f"f-{name}", val_fraction=0.05, progress=False)
+        assert meta["split_lone_document"] is True
+        assert meta["splits"]["val"]["documents"] >= 3 and meta["splits"]["train"]["documents"] > 40, name
+        meta = prepare([str(src)], bpe, tmp_path / f"d-{name}", val_docs=3, progress=False)
+        assert meta["splits"]["val"]["documents"] == 3 and meta["splits"]["train"]["documents"] > 40
+        val, val_starts = read_split(tmp_path / f"d-{name}", "val")
+        train, _ = read_split(tmp_path / f"d-{name}", "train")
+        sep = tok.separator_id
+        pieces = [tok.decode([i for i in ids if i != sep]) for ids in np.split(val, val_starts[1:])]
+        pieces.append(tok.decode([i for i in train.tolist() if i != sep]))
+        assert "".join(pieces) == text  # nothing lost or reordered by the cut
+
+
 def test_val_docs_0_asks_for_no_val_split_as_val_fraction_0_does(bpe, tmp_path, capsys):
     # --val-docs replaces --val-fraction, whose default the CLI still passes: N = 0 must not cut a lone
     # document for a val split nobody asked for, nor note that the val split came out empty

@@ -121,11 +121,14 @@ def val_mask(first: int, n: int, val_fraction: float, val_docs: int | None) -> n
 
 def split_lone_document(docs: Iterable[str], pieces: int = 64, seen: dict | None = None) -> Iterator[str]:
     """Pass documents through; if the whole input is ONE document, cut it into ~`pieces` documents
-    at blank lines (else line ends; whitespace-only pieces dropped) so a single text file still
+    at blank lines (else line ends, else spaces, else anywhere: the first that cuts it at all, so a
+    file of one long line is cut too; whitespace-only pieces dropped) so a single text file still
     gets a val split. `seen["split"]` is set True when that happened.
 
     >>> list(split_lone_document(["a\\n\\nbb\\n\\nc"], pieces=8))
     ['a\\n\\n', 'bb\\n\\n', 'c']
+    >>> list(split_lone_document(["one long line, no newline"], pieces=4))
+    ['one long ', 'line, no ', 'newline']
     """
     it = iter(docs)
     first = next(it, None)
@@ -137,16 +140,27 @@ def split_lone_document(docs: Iterable[str], pieces: int = 64, seen: dict | None
         yield second
         yield from it
         return
-    sep = "\n\n" if "\n\n" in first else "\n"
-    target, start = max(1, len(first) // pieces), 0
+    target = max(1, len(first) // pieces)
     if seen is not None:
         seen["split"] = True
-    while start < len(first):
-        cut = first.find(sep, start + target)
-        end = len(first) if cut < 0 else cut + len(sep)
-        if first[start:end].strip():
-            yield first[start:end]
+    for sep in ("\n\n", "\n", " ", ""):  # "" cuts anywhere: a line of CJK text has no spaces
+        out = _cut_at(first, sep, target)
+        if len(out) > 1 or not sep:
+            yield from out
+            return
+
+
+def _cut_at(text: str, sep: str, target: int) -> list[str]:
+    """`text` in pieces of at least `target` characters, each ending at the next `sep` (the last at
+    the end); whitespace-only pieces dropped."""
+    out, start = [], 0
+    while start < len(text):
+        cut = text.find(sep, start + target)
+        end = len(text) if cut < 0 else cut + len(sep)
+        if text[start:end].strip():
+            out.append(text[start:end])
         start = end
+    return out
 
 
 def batches(docs: Iterable[str], batch_chars: int | None = None) -> Iterator[list[str]]:
