@@ -60,7 +60,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     `lmforge.models.convert.load_hf(path, device, dtype) -> (model, tokenizer)`; its tokenizer is None
     when the folder has no tokenizer files, which is a CheckpointError with need_tokenizer=True.
     Either way, for a decoder, the eos ids the folder's config.json / generation_config.json name join
-    the tokenizer's `eos_ids`, where generation stops.
+    the tokenizer's `eos_ids`, where generation stops (`stop_ids`).
     """
     from lmforge.models import convert
     from lmforge.runtime import pick_device
@@ -109,7 +109,7 @@ def generate(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str | list[st
         streams[i].push(t)
 
     generate_ids(
-        model, ids, **opts, eos_id=tokenizer.eos_ids, pad_id=tokenizer.pad_id or 0,
+        model, ids, **opts, eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0,
         vocab_size=tokenizer.vocab_size,  # a padded embedding table's extra rows are never sampled
         stop=(lambda _row: streams[current[0]].stopped) if gc.stop else None, on_token=on_token,
     )

@@ -230,6 +230,8 @@ class TextStream:
         # the prompt's last ids, decoded in front and cut off again: decoders that drop a leading
         # space (Metaspace: Unigram, SentencePiece/Llama) must see that the output is not at the start
         self.prefix = list(prefix_ids or [])[-4:]
+        if self.prefix and not tokenizer.decode(self.prefix, skip_special_tokens=True):
+            self.prefix = []  # only bos / a separator before it (an empty prompt): the output starts the text
         self.head = tokenizer.decode(self.prefix) if self.prefix else ""
         self.stops = [s for s in (stop or []) if s]
         self.write = write
@@ -332,7 +334,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     stream = TextStream(tok, [unescape(s) for s in args.stop], write, prefix_ids=ids)
     generate(model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-             eos_id=tok.eos_ids, pad_id=tok.pad_id or 0, seed=args.seed, vocab_size=tok.vocab_size,
+             eos_id=tok.stop_ids, pad_id=tok.pad_id or 0, seed=args.seed, vocab_size=tok.vocab_size,
              stop=lambda _row: stream.stopped, on_token=lambda _i, t: stream.push(t))
     stream.finish()
     write("\n")

@@ -133,10 +133,14 @@ class Tokenizer:
     def encode_prompt(self, text: str) -> list[int]:
         """Ids for a generation prompt: the raw ids, with bos in front when the tokenizer's own
         post-processor puts it there (Llama / SentencePiece files: `tokenizer(text)` in HF starts
-        with <s>), and bos alone for an empty prompt. Our BPE adds nothing, so prompts stay raw."""
+        with <s>), and bos alone for an empty prompt. Our BPE adds nothing, so prompts stay raw.
+        A tokenizer without bos (Unigram, WordPiece) starts an empty prompt with the separator
+        (eos or [SEP]): in the shards every document follows one."""
         ids = self.encode(text)
         if self.bos_id is not None and (not ids or self._template_starts_with_bos()):
             ids = [self.bos_id] + ids
+        elif not ids and self.stop_ids:
+            ids = self.stop_ids[:1]
         return ids
 
     def _template_starts_with_bos(self) -> bool:
@@ -183,6 +187,12 @@ class Tokenizer:
         """The ids that end a generated row: eos, then any a checkpoint names (`add_eos_ids`)."""
         first = [self.eos_id] if self.eos_id is not None else []
         return first + [i for i in self._extra_eos if i not in first]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids where generation ends: `eos_ids`, else [SEP] (WordPiece has no eos; [SEP] is the
+        separator prepare writes after every document, so a GPT trained on those shards ends with it)."""
+        return self.eos_ids or ([self.sep_id] if self.sep_id is not None else [])
 
     def add_eos_ids(self, ids: Iterable[int]) -> None:
         """More ids that end generation, e.g. an HF checkpoint's eos_token_id list (`api.load` adds them)."""

@@ -308,6 +308,23 @@ def test_generation_stops_at_every_eos_id_the_checkpoint_lists(tmp_path, capsys)
         gen["eos_token_id"]
 
 
+def test_a_wordpiece_gpt_exports_its_sep_as_where_generation_stops(tmp_path):
+    """A GPT trained on WordPiece shards ends each document with [SEP] (there is no eos), and `lmforge
+    generate` stops there; the export names it in generation_config.json so HF generate stops there too."""
+    from lmforge import api
+    from lmforge.tokenizer import train
+
+    tok = train("wordpiece", ["the cat sat on the mat", "a dog sat on a log"] * 30, vocab_size=80)
+    _run_dir(tmp_path / "run", vocab_size=tok.vocab_size)
+    tok.save(tmp_path / "run")
+    assert tok.eos_id is None and tok.stop_ids == [tok.sep_id]
+    convert.export_hf(tmp_path / "run", tmp_path / "hf")
+    gen = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == tok.sep_id
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == tok.sep_id
+    assert api.load(tmp_path / "hf")[1].stop_ids == [tok.sep_id]  # and back in, the same
+
+
 def test_pytorch_bin_and_sharded_safetensors_import(tmp_path):
     hf = make_hf("llama-gqa-untied", tmp_path / "hf")
     ids, mask, types = inputs()

@@ -517,6 +517,29 @@ def test_api_empty_prompt_starts_from_bos(tmp_path):
     assert model.calls[0] == (1, 1)  # the prefill saw bos alone
 
 
+@pytest.mark.parametrize("kind", ["unigram", "wordpiece"])
+def test_without_bos_or_eos_generation_starts_and_ends_at_the_separator(kind):
+    """Unigram has no bos, WordPiece neither bos nor eos; prepare puts their separator (</s>, [SEP])
+    after every document. An empty prompt starts from that separator (it was an error: 'every prompt
+    needs at least one token') and its text starts as decode(new ids) does, with no space for the
+    separator; a WordPiece GPT's [SEP] ends the text (it ran on, printing '[SEP]')."""
+    from lmforge import api
+    from lmforge.tokenizer import train
+
+    docs = ["the cat sat on the mat", "the dog sat on the log", "a cat and a dog sat together"] * 50
+    tok = train(kind, docs, vocab_size=120, extra_ids=0)
+    assert tok.bos_id is None
+    sep = tok.separator_id
+    cat = tok.encode("cat")[-1]
+    model = FixedLogits([5.0 if i == cat else 0.0 for i in range(tok.vocab_size)])
+    assert api.generate(model, tok, "", max_new_tokens=2, temperature=0) == tok.decode([cat, cat])
+    assert model.calls[0] == (1, 1) and tok.encode_prompt("") == [sep]
+    ends = Scripted([[cat, sep, cat, cat]], vocab_size=tok.vocab_size)
+    assert api.generate(ends, tok, "the", max_new_tokens=4, temperature=0) == api.generate(
+        Scripted([[cat]], vocab_size=tok.vocab_size), tok, "the", max_new_tokens=1, temperature=0)
+    assert ends.step == 2  # the separator ended the row: no forward pass after it
+
+
 def test_top_k_larger_than_the_vocab_filters_nothing():
     m = FixedLogits([0.0, 0.1, 0.2, 0.3, 0.4])
     out = generate(m, [[0]] * 40, max_new_tokens=10, top_k=50, seed=0)
