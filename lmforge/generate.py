@@ -299,12 +299,12 @@ def register(parser: argparse.ArgumentParser) -> None:
 
 
 def unescape(text: str) -> str:
-    r"""The escapes a shell leaves alone, for --stop: '\n\n' (backslash, n, ...) -> two newlines.
+    r"""The escapes a shell leaves alone, for --stop: '\n\n' (backslash, n, ...) -> two newlines (\r, \t too).
 
-    >>> unescape(r"\n\n"), unescape(r"a\tb"), unescape(r"c:\\n"), unescape("héllo")
-    ('\n\n', 'a\tb', 'c:\\n', 'héllo')
+    >>> unescape(r"\n\n"), unescape(r"a\tb"), unescape(r"c:\\n"), unescape("héllo"), unescape(r"\r\n")
+    ('\n\n', 'a\tb', 'c:\\n', 'héllo', '\r\n')
     """
-    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m.group(1)], text)
+    return re.sub(r"\\([nrt\\])", lambda m: {"n": "\n", "r": "\r", "t": "\t", "\\": "\\"}[m.group(1)], text)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -516,6 +516,9 @@ BAD_RUN = {  # name -> (ModelConfig overrides, how to break the run dir, what th
     "bert-rmsnorm": (dict(family="bert", heads="none", norm_position="post", norm="rmsnorm"), None,
                      "model.norm='rmsnorm' has no Hugging Face BertModel equivalent"),
     "gpt2-swiglu": (dict(mlp="swiglu"), None, "model.mlp='swiglu' has no Hugging Face GPT2LMHeadModel"),
+    "llama-bias": (dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=True), None,  # the flag to train with
+                   "model.bias=True has no Hugging Face LlamaForCausalLM equivalent (needs False); a run "
+                   "trained with --model.bias=false exports"),
     "n_head-0": ({}, _set(n_head=0), "config.json: model.n_head must be >= 1, got 0"),
     "config-null": ({}, lambda d: (d / "config.json").write_text("null"), "config.json must hold a JSON"),
     "tokenizer-too-big": ({}, _big_tokenizer, f"the tokenizer has {V} ids but the model's vocab_size is 32"),

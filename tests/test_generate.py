@@ -299,7 +299,7 @@ def test_cli_and_api(tmp_path, capsys):
     assert main(["generate", str(run), "the cat", "--max-new-tokens", "6", "--temperature", "0",
                  "--stop", "\\n\\n", "--stop", text[2:4]]) == 0
     assert capsys.readouterr().out == text[:2] + "\n"
-    assert unescape("\\n\\n") == "\n\n" and unescape("a\\\\n") == "a\\n"
+    assert unescape("\\n\\n") == "\n\n" and unescape("a\\\\n") == "a\\n" and unescape("\\r\\n") == "\r\n"
     with pytest.raises(ConfigError, match="unknown config key 'generate.top_q'"):
         api.generate(model, tok2, "x", top_q=0.5)
     # errors: prompt longer than the context; tokenizer bigger than the model's vocab

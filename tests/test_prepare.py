@@ -355,6 +355,9 @@ def test_a_lone_document_is_cut_into_about_the_pieces_asked_for():
         assert "".join(docs) == text  # cut at blank lines, nothing lost
         assert pieces / 2 <= len(docs) <= pieces + 1, (pieces, len(docs))
         assert all(d.endswith("\n\n") for d in docs)
+    crlf = text.replace("\n", "\r\n")  # a Windows file: its blank lines are \r\n\r\n, not \n\n
+    docs = list(split_lone_document([crlf], pieces=16))
+    assert "".join(docs) == crlf and all(d.endswith("\r\n\r\n") for d in docs) and len(docs) >= 8
 
 
 def test_two_workers_keep_document_order_over_many_batches(bpe, corpus, tmp_path, monkeypatch):

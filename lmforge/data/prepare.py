@@ -143,7 +143,7 @@ def split_lone_document(docs: Iterable[str], pieces: int = 64, seen: dict | None
     target = max(1, len(first) // pieces)
     if seen is not None:
         seen["split"] = True
-    for sep in ("\n\n", "\n", " ", ""):  # "" cuts anywhere: a line of CJK text has no spaces
+    for sep in ("\n\n", "\r\n\r\n", "\n", " ", ""):  # "" cuts anywhere: a line of CJK text has no spaces
         out = _cut_at(first, sep, target)
         if len(out) > 1 or not sep:
             yield from out

@@ -234,8 +234,9 @@ def flavour_of(cfg: ModelConfig) -> str:
         if key == "n_kv_head" and have == cfg.n_head:
             have = None
         if have != value:
+            flag = {True: "true", False: "false", None: "null"}.get(value, value)
             raise CheckpointError(f"model.{key}={have!r} has no Hugging Face {arch} equivalent "
-                                  f"(needs {value!r})")
+                                  f"(needs {value!r}); a run trained with --model.{key}={flag} exports")
     if flavour != "llama" and cfg.mlp not in ("gelu", "gelu_tanh"):
         raise CheckpointError(f"model.mlp={cfg.mlp!r} has no Hugging Face {arch} equivalent "
                               "(needs 'gelu' or 'gelu_tanh')")
