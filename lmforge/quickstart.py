@@ -23,6 +23,7 @@ DEFAULT_PROMPTS = {
     "shakespeare": ["ROMEO.\n", "KING HENRY.\nWhat", "HAMLET.\nTo be, or not to be"],
 }
 FALLBACK_PROMPTS = ["The ", "It was ", "\n"]
+FALLBACK_PROMPTS_ZH = ["今天", "我们", "\n"]  # Chinese data (language_of its first document)
 
 
 def quickstart(data: str = "shakespeare", out: str = "runs/quickstart", preset: str = "gpt-small",
@@ -76,6 +77,7 @@ def _pipeline(data: str, root: Path, preset: str, vocab_size: int, over: dict, o
     from lmforge.config import merge
     from lmforge.data.prepare import prepare
     from lmforge.data.readers import ReadStats, iter_documents
+    from lmforge.tokenizer_cli import language_of
     from lmforge.train.pretrain import pretrain
 
     root.mkdir(parents=True)
@@ -83,7 +85,9 @@ def _pipeline(data: str, root: Path, preset: str, vocab_size: int, over: dict, o
 
     _step(1, f"data: {data}")
     stats = ReadStats()
-    docs = sum(1 for _ in iter_documents(data, stats=stats))
+    docs, first = 0, ""
+    for doc in iter_documents(data, stats=stats):
+        docs, first = docs + 1, first or doc
     print(f"  {docs} documents, {stats.bytes / 1e6:.1f} MB")
 
     _step(2, f"tokenizer: byte-level BPE, vocab {vocab_size}")
@@ -103,7 +107,8 @@ def _pipeline(data: str, root: Path, preset: str, vocab_size: int, over: dict, o
 
     _step(5, "samples")
     model, tok = api.load(run, pack=True)  # inference only from here: oneDNN-packed weights on a CPU
-    prompts = prompts or DEFAULT_PROMPTS.get(data, FALLBACK_PROMPTS)
+    zh = language_of(first) == "zh"
+    prompts = prompts or DEFAULT_PROMPTS.get(data) or (FALLBACK_PROMPTS_ZH if zh else FALLBACK_PROMPTS)
     next_prompt = prompts[0].strip() or "The"  # for the one-line command printed at the end
     for prompt in prompts:
         text = api.generate(model, tok, prompt, max_new_tokens=80, temperature=0.8, top_k=50, seed=0)

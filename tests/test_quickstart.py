@@ -282,3 +282,14 @@ def test_cli_exit_codes_for_help_unknown_flags_and_ctrl_c(tmp_path, capsys, monk
     monkeypatch.setattr(info, "model_info", ctrl_c)
     assert main(["model", "info", "gpt-tiny"]) == 130  # 128 + SIGINT, one line, no traceback
     assert capsys.readouterr() == ("", "interrupted\n")
+
+
+def test_quickstart_on_chinese_text_samples_chinese_prompts(tmp_path, capsys):
+    """Without --prompt, a Chinese corpus gets Chinese prompts (and the printed generate command too),
+    not the English fallback 'The '."""
+    src = tmp_path / "zh.txt"
+    src.write_text("\n\n".join(f"今天天气很好, 我们去公园散步。第{i}天, 大家都很开心。" for i in range(200)))
+    quickstart(data=str(src), out=str(tmp_path / "qs"), preset="gpt-tiny", vocab_size=300, steps=2)
+    printed = capsys.readouterr().out
+    assert "--- '今天'" in printed and "--- 'The '" not in printed
+    assert f"lmforge generate {tmp_path / 'qs' / 'run'} {shlex.quote('今天')} --temperature" in printed
