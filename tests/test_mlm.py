@@ -187,17 +187,23 @@ WORDS = ("the cat sat on a mat while dogs were running quickly around unbelievab
          "and people kept talking about weather tomorrow").split()
 
 
+def synthetic_docs(n: int) -> list[str]:
+    """n documents of 3-7 random sentences of WORDS, the same every call."""
+    rng = np.random.default_rng(0)
+    docs = []
+    for _ in range(n):
+        sents = [" ".join(rng.choice(WORDS, rng.integers(4, 10))).capitalize() + rng.choice([".", "!", "?"])
+                 for _ in range(rng.integers(3, 8))]
+        docs.append(" ".join(sents))
+    return docs
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     from lmforge.data.prepare import prepare
     from lmforge.tokenizer import train
 
-    rng = np.random.default_rng(0)
-    docs = []
-    for _ in range(40):
-        sents = [" ".join(rng.choice(WORDS, rng.integers(4, 10))).capitalize() + rng.choice([".", "!", "?"])
-                 for _ in range(rng.integers(3, 8))]
-        docs.append(" ".join(sents))
+    docs = synthetic_docs(40)
     root = tmp_path_factory.mktemp("mlm")
     tok = train("wordpiece", docs * 3, vocab_size=120, min_frequency=1)
     tok.save(root / "tok")

@@ -13,10 +13,10 @@ import json
 import os
 import signal
 
-import numpy as np
 import pytest
 import torch
 from test_checkpoint import assert_bitwise, weights
+from test_mlm import synthetic_docs
 from test_trainer import make_trainer, tiny_cfg
 
 from lmforge.train import checkpoint as ck
@@ -179,22 +179,13 @@ def test_a_resume_that_forgets_anything_is_caught(tmp_path, monkeypatch, mistake
 # ---------------------------------------------------------------------------------------------
 # the three objectives on real shards small enough that an epoch is a few steps
 
-WORDS = ("the cat sat on a mat while dogs were running quickly around unbelievable gardens "
-         "and people kept talking about weather tomorrow").split()
-
-
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     """3 train documents (~140 tokens: 8 clm windows of 16, 10 mlm windows, ~10 NSP pairs) and 3 val ones."""
     from lmforge.data.prepare import prepare
     from lmforge.tokenizer import train
 
-    rng = np.random.default_rng(0)
-    docs = []
-    for _ in range(6):
-        sents = [" ".join(rng.choice(WORDS, rng.integers(4, 10))).capitalize() + rng.choice([".", "!", "?"])
-                 for _ in range(rng.integers(3, 8))]
-        docs.append(" ".join(sents))
+    docs = synthetic_docs(6)
     root = tmp_path_factory.mktemp("resume")
     train("wordpiece", docs * 3, vocab_size=120, min_frequency=1).save(root / "tok")
     prepare([], root / "tok", root / "shards", val_docs=3, progress=False, documents=docs)
