@@ -1152,3 +1152,17 @@ def test_loss_png_that_cannot_be_written_keeps_the_old_one_and_the_checkpoints(s
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no .loss.png.*.tmp
     ckpt, state, _ = ck.latest_good(out)
     assert ckpt.name == "step-000006" and state["step"] == 6
+
+
+def test_evaluate_outside_fit_scores_without_writing_and_after_fit_too(tmp_path):
+    """Trainer.evaluate() in a notebook: before fit() and after it (its log closed) it returns the same
+    val scores fit() logged, and writes no run dir of its own."""
+    cfg = tiny_cfg(tmp_path)
+    trainer = make_trainer(cfg)
+    before = trainer.evaluate()
+    assert set(before) >= {"val_loss", "val_ppl"} and not (tmp_path / "run").exists()
+    trainer.fit()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    after = trainer.evaluate()
+    assert after == {k: v for k, v in json.loads(lines[-1]).items() if k != "step"}
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == lines  # nothing appended

@@ -23,7 +23,6 @@ SIGINT stop `fit` raises KeyboardInterrupt once the checkpoint is written.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import signal
 import sys
@@ -38,12 +37,12 @@ from torch import nn
 from lmforge import kernels, runtime
 from lmforge.config import RunConfig, save_run_yaml
 from lmforge.errors import ConfigError, DataError, LmforgeError
-from lmforge.io import atomic_write_bytes, atomic_write_text
 from lmforge.models.convert_config import eos_ids
 from lmforge.models.info import flops_per_token
 from lmforge.objectives.base import Objective, to_device
 from lmforge.train import checkpoint as ckpt_mod
 from lmforge.train.evaluate import evaluate
+from lmforge.train.logs import RunLog
 from lmforge.train.optim import apply_hparams, build_optimizer, lr_at, set_lr
 
 
@@ -117,6 +116,7 @@ class Trainer:
         self.rank, self.world_size = 0, 1
         self._interrupted = False
         self.last_eval: dict[str, float] = {}
+        self._logs: RunLog | None = None  # open while fit() runs
         if self.t.activation_checkpointing:
             if not hasattr(model, "gradient_checkpointing"):
                 raise TrainingError(f"{type(model).__name__} has no activation checkpointing switch; "
@@ -146,14 +146,15 @@ class Trainer:
                                     f"{t.max_steps}: nothing to train; raise --train.max_steps to go on")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_run_yaml(self.cfg, self.run_dir, {"resumed_at_step": self.step} if resume else None)
-        self._open_logs(resume)
+        self._logs = RunLog(self.run_dir, self.step, resume, self.t.tensorboard)
         old_handler = self._install_sigint()
         try:
             result = self._loop(stream, micro0, grads0, loss0)
         finally:
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
-            self._close_logs()
+            logs, self._logs = self._logs, None
+            logs.close()
         if self._interrupted:  # the checkpoint is on disk; now behave as Ctrl-C does (the CLI exits 130)
             raise KeyboardInterrupt
         return result
@@ -196,7 +197,7 @@ class Trainer:
                     last = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                             "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self._peak_flops(),
                             "elapsed_s": now - start}
-                    self._log(last)
+                    self._logs.write(last)
                     tick, tick_tokens = now, 0
                 bar.update(tick_steps)
                 tick_steps = 0
@@ -273,8 +274,9 @@ class Trainer:
     # -----------------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Mean loss, perplexity and objective extras over the first train.eval_steps val batches (the
-        same each time; a val split smaller than that is read once, not wrapped around), logged with
-        a val_ prefix. The scoring is `train.evaluate.evaluate`, which `lmforge eval` runs too."""
+        same each time; a val split smaller than that is read once, not wrapped around), with a val_
+        prefix, and logged while fit() runs. The scoring is `train.evaluate.evaluate`, which `lmforge eval`
+        runs too."""
         t, obj = self.t, self.objective
         try:
             stream = obj.stream("val", t.batch_size, t.seed, self.rank, self.world_size)
@@ -285,7 +287,8 @@ class Trainer:
         if not scores:
             return {}
         out = {f"val_{k}": v for k, v in scores.items() if k != "targets"}
-        self._log({"step": self.step, **out})
+        if self._logs is not None:  # evaluate() outside fit() scores without logging
+            self._logs.write({"step": self.step, **out})
         self.last_eval = {**out, "step": self.step}
         return out
 
@@ -366,111 +369,3 @@ class Trainer:
 
         return tqdm(total=self.t.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not self.progress)  # disabled: every call a no-op
-
-    def _open_logs(self, resume: bool) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if resume and path.exists():  # forget records from after the checkpoint (and a line torn by a kill)
-            # undecodable bytes (a damaged file) spoil only their line, as a torn line does
-            text = path.read_text(encoding="utf-8", errors="replace")
-            keep = [r for r in map(_record, text.splitlines())
-                    if r is not None and r.get("step", 0) <= self.step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-        elif not resume:
-            path.unlink(missing_ok=True)
-        self._metrics = path.open("a", encoding="utf-8")
-        self._tb = None
-        if self.t.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._excepthook = threading.excepthook
-            threading.excepthook = _quiet_tensorboard_thread(self._excepthook)
-            purge = self.step + 1 if resume else None
-            try:
-                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
-            except BaseException:  # e.g. a file named tb: nothing left open, the hook put back
-                threading.excepthook = self._excepthook
-                self._metrics.close()
-                raise
-
-    def _log(self, record: dict[str, float]) -> None:
-        """One line of metrics.jsonl (and TensorBoard scalars). A write that fails (a full disk) stops the
-        run right here, whichever of the two it hits, as a failed checkpoint save does."""
-        self._metrics.write(json.dumps(record) + "\n")
-        self._metrics.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step":
-                    tag = "val/" + key[4:] if key.startswith("val_") else f"train/{key}"
-                    self._tb.add_scalar(tag, value, record["step"])
-            self._tb.flush()  # its writer thread's error (a full disk) is raised here, not some steps later
-
-    def _close_logs(self) -> None:
-        """Close metrics.jsonl and TensorBoard (both, also when one fails: a full disk fails the close of
-        a file with data still buffered), then draw loss.png."""
-        try:
-            self._metrics.close()
-        finally:
-            if self._tb is not None:
-                try:
-                    self._tb.close()
-                finally:
-                    for thread in threading.enumerate():  # a failed writer thread: let it end quietly
-                        if _is_tensorboard(thread) and getattr(thread, "exception", None) is not None:
-                            thread.join(timeout=10)
-                    threading.excepthook = self._excepthook
-        try:
-            plot_losses(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-        except Exception as e:  # a missing plot never fails a run
-            print(f"warning: loss.png not written ({e.__class__.__name__}: {e})", file=sys.stderr)
-
-
-def _is_tensorboard(thread: threading.Thread) -> bool:
-    return type(thread).__module__.startswith("tensorboard.")
-
-
-def _quiet_tensorboard_thread(hook: Callable) -> Callable:
-    """threading.excepthook less the traceback of TensorBoard's event writer thread: the writer raises
-    that error again in the training thread (Trainer._log), where the CLI makes it one line."""
-
-    def excepthook(args) -> None:
-        if not (_is_tensorboard(args.thread) and issubclass(args.exc_type, Exception)):
-            hook(args)
-
-    return excepthook
-
-
-def _record(line: str) -> dict | None:
-    """One metrics.jsonl line as a dict; None for a blank or torn line (a run killed mid-write)."""
-    try:
-        r = json.loads(line)
-    except ValueError:
-        return None
-    return r if isinstance(r, dict) else None
-
-
-def plot_losses(metrics_path: Path, png_path: Path) -> None:
-    """Train loss (and val loss) against step, from metrics.jsonl, to a PNG written atomically."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [r for r in map(_record, Path(metrics_path).read_text(encoding="utf-8").splitlines()) if r]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not train and not val:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for points, label in ((train, "train"), (val, "val")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if label == "val" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / target)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(png_path, buf.getvalue())
