@@ -384,9 +384,9 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
             gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}
             stop = eos_ids(run_dir)  # an imported model's own list goes back out as it came in
             if not stop and tok is not None:  # where `lmforge generate` stops: eos, or a WordPiece [SEP]
-                from lmforge.tokenizer import Tokenizer as Ours
+                from lmforge.tokenizer import Tokenizer
 
-                stop = Ours(tok).stop_ids
+                stop = Tokenizer(tok).stop_ids
             if stop:
                 gen["eos_token_id"] = stop[0] if len(stop) == 1 else stop
             atomic_write_json(tmp / "generation_config.json", gen)

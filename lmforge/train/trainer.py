@@ -11,10 +11,9 @@ One optimizer step = one accumulation cycle of `grad_accum` micro-batches:
   4. clip the global grad norm, set lr = lr_at(step), AdamW step, zero grads.
 
 Around it: bf16 autocast (runtime.autocast), optional torch.compile, eval on the val split every
-`eval_every` steps (loss, perplexity, objective extras such as bits per byte), logging (tqdm bar with
-loss, tokens/s, MFU and ETA; RUN/metrics.jsonl; TensorBoard under RUN/tb; RUN/loss.png at the end: a log
-write that fails stops the run, a loss.png that cannot be written is a warning) and checkpoints
-(train/checkpoint.py). A stop request (SIGINT or the `should_stop` hook) is honoured after any
+`eval_every` steps (loss, perplexity, objective extras such as bits per byte), logging (a tqdm bar with
+loss, tokens/s, MFU and ETA; metrics.jsonl, TensorBoard and loss.png through train/logs.py) and
+checkpoints (train/checkpoint.py). A stop request (SIGINT or the `should_stop` hook) is honoured after any
 micro-batch: the checkpoint then holds the partial gradients of the cycle (when they and the partial
 loss are finite; otherwise 3. applies). train.max_time is checked after each optimizer step. After a
 SIGINT stop `fit` raises KeyboardInterrupt once the checkpoint is written.
