@@ -327,8 +327,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:  # '@x', 'runs/%d', '[a': the text as typed; from_dict names a type it lacks
             value = raw
         parts = key.split(".")
-        if _is_text(_field_type(parts)) and not isinstance(value, (str, list, dict)) and value is not None:
+        tp = _field_type(parts)
+        if _is_text(tp) and not isinstance(value, (str, list, dict)) and value is not None:
             value = raw  # a text field takes the text as typed: --train.out_dir=007 is '007', not '7'
+        if isinstance(value, dict) and (_is_text(tp) or tp == list[str]):
+            value = raw  # 'User:' or 'a: b' read as a YAML mapping, which no text field takes
         node = out
         for part in parts[:-1]:
             node = node.setdefault(part, {})

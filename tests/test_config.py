@@ -32,6 +32,10 @@ def test_dotted_overrides_are_typed():
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.model.n_layer == 3 and cfg.train.compile is True
     assert parse_overrides(["--generate.stop=[a, b]"]) == {"generate": {"stop": ["a", "b"]}}
+    # one stop string, commas and all (only a YAML list gives several); 'User:' is text, not a mapping
+    assert load_config("gpt-tiny", ["--generate.stop=Hello, world"]).generate.stop == ["Hello, world"]
+    assert load_config("gpt-tiny", ["--generate.stop=User:"]).generate.stop == ["User:"]
+    assert load_config("gpt-tiny", ["--train.out_dir=runs/a: b"]).train.out_dir == "runs/a: b"
 
 
 def test_text_fields_keep_overrides_as_typed():
@@ -76,6 +80,9 @@ def test_text_fields_keep_overrides_as_typed():
         (["--train.eps=inf"], "train.eps must be > 0 and finite, got inf"),  # AdamW would never move
         (["--train.peak_flops=-1e12"], "train.peak_flops must be > 0 FLOP/s (or null: detect)"),
         (["--train.peak_flops=0"], "train.peak_flops must be > 0 FLOP/s"),  # MFU = x / 0
+        (["--train.lr=true"], "train.lr must be a number, got True"),  # a bool is no number (1.0)
+        (["--train.keep_last=-1"], "train.keep_last must be >= 0, got -1"),
+        (["--model.dropout=1"], "model.dropout must be in [0, 1), got 1"),  # every activation zeroed
     ],
 )
 def test_bad_overrides_name_the_key(args, needle):
