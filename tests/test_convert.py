@@ -462,6 +462,9 @@ BAD = {  # name -> (case, how to break the folder, what the one-line error must 
     "merges-txt-garbage": ("gpt2", lambda d: ((d / "vocab.json").write_text('{"a": 0, "b": 1, "ab": 2}'),
                                               (d / "merges.txt").write_text("#version: 0.2\nab\n")),
                            r"vocab.json \+ merges.txt cannot be read \(.*\); re-download them"),
+    # one id more than the embedding has: the folder's tokenizer belongs to another model
+    "tokenizer-one-id-too-many": ("gpt2", lambda d: _word_tokenizer(d, size=V + 1),
+                                  f"the tokenizer has {V + 1} ids but the model's vocab_size is {V}"),
 }
 
 
@@ -541,10 +544,11 @@ def test_bad_run_dir_export_is_one_line_error_and_no_output(bad, tmp_path, capsy
 @pytest.mark.parametrize("case,key", [("gpt2", "activation_function"), ("bert-mlm", "hidden_act"),
                                       ("llama-gqa-tied", "hidden_act"), ("gpt2", "tie_word_embeddings"),
                                       ("llama-gqa-untied", "tie_word_embeddings"),
-                                      ("bert-mlm", "tie_word_embeddings")])
+                                      ("bert-mlm", "tie_word_embeddings"), ("gpt2", "layer_norm_epsilon")])
 def test_absent_config_key_means_what_transformers_assumes(case, key, tmp_path):
     """GPT2Config defaults activation_function to gelu_new (tanh), BertConfig hidden_act to gelu (erf);
-    GPT2Config and BertConfig tie the LM head by default, LlamaConfig does not."""
+    GPT2Config and BertConfig tie the LM head by default, LlamaConfig does not; GPT2Config's
+    layer_norm_epsilon is 1e-5."""
     make_hf(case, tmp_path / "hf", initializer_range=0.3)  # large activations: the two GELUs differ visibly
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     cfg.pop(key, None)
@@ -974,6 +978,8 @@ def test_load_model_takes_the_dtype_names_api_load_takes(tmp_path):
     ("gpt2", {"n_inner": 40}, {"layer_norm_epsilon": 1e-3}),
     ("llama-gqa-untied", {}, {"rms_norm_eps": 1e-3}),
     ("bert-pretraining", {}, {"layer_norm_eps": 1e-3}),
+    # a third segment row, and the tanh GELU (large weights: the two GELUs differ visibly)
+    ("bert-mlm", {"type_vocab_size": 3, "hidden_act": "gelu_pytorch_tanh", "initializer_range": 0.3}, {}),
 ])
 def test_non_default_config_values_travel_both_ways(case, build, edit, tmp_path):
     """Norm eps far from every default (hidden states have mean squares ~1e-3, so 1e-3 shows) and a
@@ -1107,3 +1113,12 @@ def test_a_missing_folder_is_named_missing_and_a_file_not_a_directory(tmp_path):
             read(tmp_path / "nope")
         with pytest.raises(CheckpointError, match=f"file is not a directory; give {what}"):
             read(tmp_path / "file")
+
+
+def test_eos_ids_lists_each_id_once_in_file_order(tmp_path):
+    """config.json's eos, then generation_config.json's, each id once; negative ids mean unset."""
+    from lmforge.models.convert_config import eos_ids
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7, -1, 7, 5]}))
+    assert eos_ids(tmp_path) == [2, 7, 5]

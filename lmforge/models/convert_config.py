@@ -85,7 +85,9 @@ def eos_ids(folder: str | Path) -> list[int]:
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             raise CheckpointError(f"{path}: eos_token_id={value!r} must be a token id or a list of them; "
                                   "fix the file")
-        out += [v for v in values if v >= 0 and v not in out]
+        for v in values:  # each id once, also when one file repeats it
+            if v >= 0 and v not in out:
+                out.append(v)
     return out
 
 
