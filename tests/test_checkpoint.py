@@ -268,8 +268,9 @@ def test_resume_follows_the_configs_optimizer_settings(tmp_path):
     lambda s: {**s, "stream": {"epoch": 0}},  # not this stream's position (ListStream reads "pos")
     lambda s: {**s, "rng": {"torch": 1}},
     lambda s: {**s, "micro": -1, "grads": {}},  # a negative micro-batch count, even with grads beside it
+    lambda s: {k: v for k, v in s.items() if k != "stream"},  # no data position at all
 ], ids=["no-keys", "list", "step-str", "micro-no-grads", "optimizer", "stream-empty", "stream-keys", "rng",
-        "micro-negative"])
+        "micro-negative", "no-stream"])
 def test_a_malformed_trainer_state_is_set_aside_like_a_corrupt_one(tmp_path, capsys, spoil):
     """A trainer_state.pt that unpickles but lacks what resume reads is as unusable as a corrupt one."""
     cfg = tiny_cfg(tmp_path, max_steps=4, save_every=2, keep_last=2)
@@ -503,3 +504,26 @@ def test_a_prune_cut_short_keeps_the_new_checkpoint_and_the_next_save_finishes_i
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no temp or aside folder
     ck.save_checkpoint(run, trainer.model, None, state(8), keep_last=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000008"]
+
+
+def test_resume_with_another_n_head_names_the_key(tmp_path):
+    """n_head does not change any weight's shape (d_model does), so only the config check can catch it."""
+    cfg = tiny_cfg(tmp_path, max_steps=2, save_every=1)
+    make_trainer(cfg).fit()
+    cfg.model.n_head = 4  # d_model 32: still divisible, every tensor the same shape
+    cfg.train.max_steps = 3
+    with pytest.raises(CheckpointError, match=r"model\.n_head=2 but the config says 4"):
+        make_trainer(cfg).fit(resume=True)
+
+
+def test_apply_weights_refuses_a_tensor_of_another_shape_even_one_that_broadcasts(tmp_path):
+    """copy_ would silently broadcast a (1,) tensor over ln_f.weight: the shape check must come first."""
+    from pathlib import Path
+
+    model = GPT(tiny_cfg(tmp_path).model)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if k != "head.weight"}  # tied: stored once
+    saved["ln_f.weight"] = torch.full((1,), 7.0)
+    with pytest.raises(CheckpointError, match=r"step-000001: tensor 'ln_f.weight' is \(1,\) but the model "
+                                              r"has \(32,\)"):
+        ck.apply_weights(model, saved, Path("step-000001"))
+    assert not torch.equal(model.ln_f.weight, torch.full((32,), 7.0))

@@ -82,6 +82,21 @@ def test_resume_from_state_equals_uninterrupted(shards):
         assert torch.equal(next(w2), full[i])
 
 
+def test_resume_from_a_later_epoch_continues_that_epochs_order(shards):
+    """A position taken in epoch 1 resumes epoch 1's permutation, not epoch 0's."""
+    root, _ = shards
+    w = TokenWindows(root, "train", 10, 7, seed=5)
+    full = [next(w) for _ in range(30)]  # 100 windows an epoch: batch 15 starts epoch 1
+    w = TokenWindows(root, "train", 10, 7, seed=5)
+    for _ in range(20):
+        next(w)
+    state = json.loads(json.dumps(w.state_dict()))
+    assert (state["epoch"], state["position"]) == (1, 40)
+    w2 = TokenWindows(root, "train", 10, 7, seed=5)
+    w2.load_state_dict(state)
+    assert all(torch.equal(next(w2), full[i]) for i in range(20, 30))
+
+
 def test_rank_splits_are_disjoint_and_complete(shards):
     root, _ = shards
     world = 3

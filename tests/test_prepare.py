@@ -457,3 +457,48 @@ def test_a_rerun_whose_final_rename_fails_keeps_the_old_shards(bpe, corpus, tmp_
     assert main(args) == 2
     monkeypatch.undo()
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_65537_token_vocabulary_needs_uint32(tmp_path):
+    """One id past uint16's range (id 65,536) would wrap to 0 in uint16: auto picks uint32, uint16 refuses."""
+    inner = HF(models.WordLevel({f"w{i}": i for i in range(65536)}, unk_token="w0"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    inner.add_special_tokens(["</s>"])  # id 65536: vocab size 65,537
+    Tokenizer(inner).save(tmp_path / "tok")
+    assert Tokenizer.load(tmp_path / "tok").vocab_size == np.iinfo(np.uint16).max + 2
+    with pytest.raises(ConfigError, match="does not fit uint16"):
+        prepare([], tmp_path / "tok", tmp_path / "u16", dtype="uint16", documents=["w1"], progress=False)
+    meta = prepare([], tmp_path / "tok", tmp_path / "auto", val_fraction=0, documents=["w65535 w7"],
+                   progress=False)
+    ids, _ = read_split(tmp_path / "auto", "train")
+    assert meta["dtype"] == "uint32" and ids.tolist() == [65535, 7, 65536]
+
+
+@pytest.mark.parametrize("val", [dict(val_fraction=0.05), dict(val_docs=7)])
+def test_the_split_does_not_depend_on_how_documents_are_batched(bpe, corpus, tmp_path, monkeypatch, val):
+    """Document i goes to val by its index in the whole input, never by its place in a worker batch."""
+    prepare([], bpe, tmp_path / "one", documents=corpus, progress=False, **val)  # a single batch
+    monkeypatch.setattr("lmforge.data.prepare.BATCH_CHARS", 3000)  # dozens of batches
+    prepare([], bpe, tmp_path / "many", documents=corpus, progress=False, **val)
+    n = len(corpus)
+    if "val_docs" in val:
+        val_idx = list(range(7))
+    else:  # i >= 1 and ceil(i / 20) > ceil((i - 1) / 20): documents 1, 21, 41, ...
+        val_idx = [i for i in range(1, n) if -(-i // 20) > -(-(i - 1) // 20)]
+    assert val_idx[:3] in ([1, 21, 41], [0, 1, 2])
+    tok = Tokenizer.load(bpe)
+    for split, want in (("val", val_idx), ("train", [i for i in range(n) if i not in set(val_idx)])):
+        for name in ("one", "many"):
+            ids, starts = read_split(tmp_path / name, split)
+            ends = np.r_[starts[1:], len(ids)]
+            got = [tok.decode(ids[a:b - 1].tolist()) for a, b in zip(starts, ends)]
+            assert got == [corpus[i] for i in want], (split, name)
+
+
+def test_every_shard_but_the_last_holds_exactly_shard_tokens(bpe, corpus, tmp_path):
+    meta = prepare([], bpe, tmp_path / "out", val_fraction=0, documents=corpus, shard_tokens=777,
+                   dtype="uint32", progress=False)
+    shards = meta["splits"]["train"]["shards"]
+    sizes = [(tmp_path / "out" / s).stat().st_size // 4 for s in shards]
+    assert len(sizes) > 2 and sizes[:-1] == [777] * (len(sizes) - 1) and 0 < sizes[-1] <= 777
+    assert sum(sizes) == meta["splits"]["train"]["tokens"]

@@ -221,6 +221,20 @@ def test_non_utf8_in_a_big_streamed_file(tmp_path, monkeypatch, name, split):
     assert "".join(docs) == "héllo\n\ufffd\nwörld\n" and stats.replaced_bytes == 1
 
 
+@pytest.mark.parametrize("name", ["a.txt", "a.txt.gz"])
+@pytest.mark.parametrize("split", [4, 2**20])
+def test_a_file_cut_off_inside_a_character_keeps_a_replacement_and_counts_its_bytes(tmp_path, monkeypatch,
+                                                                                     name, split):
+    """A file ending in 2 of the 3 bytes of '€' ends in one U+FFFD (as bytes.decode gives), counted as 2
+    bytes: never silently dropped."""
+    monkeypatch.setattr(readers, "SPLIT_BYTES", split)
+    data = b"price 5\n" + "€".encode()[:2]
+    write_text(tmp_path / name, data)
+    docs, stats = read(tmp_path / name)
+    assert "".join(docs) == data.decode("utf-8", errors="replace") == "price 5\n\ufffd"
+    assert stats.replaced_bytes == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # errors: one line, saying what to fix
 

@@ -49,6 +49,12 @@ def test_strip_wiki_by_hand():
                                 "It is old & used.\nFirst item\nSecond item")
 
 
+def test_strip_wiki_keeps_apostrophes():
+    """Only runs of 2+ quotes are bold / italic markup: a single one is an apostrophe."""
+    assert strip_wiki("Don't panic: it's ''fine'', O'Brien's '''bold''' [[x|y's]].") == \
+        "Don't panic: it's fine, O'Brien's bold y's."
+
+
 def test_untag_words_drops_tags_with_digits_and_capitals():
     assert untag_words("１２月/t  ３１日/t  ，/w  江/nr  泽民/nr  摄/Vg") == "１２月３１日，江泽民摄"
     assert untag_words("Ａ/nx  股/n  ２/m") == "Ａ股２"

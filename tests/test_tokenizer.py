@@ -83,6 +83,21 @@ def test_wordpiece_splits_chinese_into_characters_and_lowercases(toks):
     assert wp.encode("THE Return") == wp.encode("the return")
 
 
+def test_wordpiece_cleans_text_as_berts_own_tokenizer_does(toks, tmp_path):
+    """transformers' BertTokenizer over the same vocab.txt drops control characters and U+FFFD, and
+    reads tabs and no-break spaces as spaces (BertNormalizer clean_text): ids must agree."""
+    from transformers import BertTokenizer
+
+    wp, _ = toks["wordpiece"]
+    vocab = sorted(wp.inner.get_vocab().items(), key=lambda kv: kv[1])
+    assert [i for _, i in vocab] == list(range(len(vocab)))
+    (tmp_path / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+    bert = BertTokenizer(str(tmp_path / "vocab.txt"))
+    for text in ["the\x00 ret\x07urn\u200b", "tab\there\r\nand\u00a0there", "x\ufffdy \x1b[0m", *TEXTS]:
+        assert wp.encode(text) == bert.encode(text, add_special_tokens=False), repr(text)
+    assert wp.encode("ret\x07urn") == wp.encode("return")
+
+
 def test_training_is_reproducible(corpus):
     """Same data and options: BPE and WordPiece give the same tokenizer.json, Unigram the same
     pieces (its EM sums floats in a parallel, order-dependent way, so scores may move in the 3rd
