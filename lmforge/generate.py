@@ -280,17 +280,22 @@ class TextStream:
 
 
 def register(parser: argparse.ArgumentParser) -> None:
+    from lmforge.config import GenerateConfig
+
+    d = GenerateConfig()  # the defaults api.generate() uses too
     parser.add_argument("run_dir", help="a run dir (config.json, model.safetensors, tokenizer.json)")
     parser.add_argument("prompt", help="the text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens, >= 1 "
-                        "(default 128)")
-    parser.add_argument("--temperature", type=float, default=1.0, help=">= 0; 0 = greedy (default 1)")
-    parser.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (1 = off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0; 1 = off (default)")
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                        help=f"at most this many new tokens, >= 1 (default {d.max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=d.temperature,
+                        help=f">= 0; 0 = greedy (default {d.temperature:g})")
+    parser.add_argument("--top-k", type=int, default=d.top_k, help="keep the k most likely tokens (0 = off)")
+    parser.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling, in (0, 1] (1 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                        help="> 0; 1 = off (default)")
     parser.add_argument("--stop", action="append", default=[], metavar="STR",
                         help=r"stop at this string (repeatable); \n, \t and \\ are read as escapes")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--dtype", choices=("bf16", "fp32", "int8"), default="fp32",
                         help="weights: fp32 (default), bf16, or int8 (weight-only, bf16 activations; "
                         "fastest on CPU)")

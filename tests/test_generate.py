@@ -622,3 +622,17 @@ def test_api_load_refuses_a_bad_device_before_reading_like_the_cli(tmp_path, mon
         api.load(run, device="cuda")
     model, _ = api.load(run, device="auto")  # and "auto" picks the CPU here
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_cli_defaults_are_generate_configs():
+    """`lmforge generate` and api.generate() decode alike when no flag is given: one set of defaults."""
+    import argparse
+    from dataclasses import asdict
+
+    from lmforge.config import GenerateConfig
+    from lmforge.generate import register
+
+    parser = argparse.ArgumentParser()
+    register(parser)
+    args = vars(parser.parse_args(["RUN", "prompt"]))
+    assert {k: args[k] for k in asdict(GenerateConfig())} == asdict(GenerateConfig())
