@@ -10,7 +10,8 @@ Three families, each with the special tokens its models expect:
                sentinels <extra_id_0>..<extra_id_{N-1}>; "A </s>" post-processor.
 
 Training streams documents through `lmforge.data.readers.iter_documents`, so the corpus is never
-held in memory (WordPiece reads it twice, to be reproducible; see `_train_wordpiece`). The result
+held in memory (WordPiece reads it twice, to be reproducible; see `_train_wordpiece`); a word longer
+than MAX_TRAIN_WORD reaches the trainer in pieces (`capped`), which encoding never does. The result
 is one `tokenizer.json` that `transformers.PreTrainedTokenizerFast` loads as is.
 
     >>> tok = Tokenizer.load("tok/")
@@ -27,7 +28,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from lmforge.errors import CheckpointError, ConfigError, DataError
@@ -37,6 +38,12 @@ TYPES = ("bpe", "wordpiece", "unigram")
 BPE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
+# the longest word (one piece of the pre-tokenizer's output; bytes for byte-level BPE) training sees: longer
+# ones reach the trainer cut into pieces this long (`capped`). Uncut, `tokenizers` segfaults training Unigram
+# on a ~65,000-character word and BPE takes minutes on a 400,000-character one. Normal text stays below, so
+# trains exactly as uncut: the longest words of the named sources are 1,020 characters (a People's Daily
+# paragraph: one Unigram word, Chinese has no spaces) and 2,883 bytes (BPE, the same corpus)
+MAX_TRAIN_WORD = 4096
 
 # role -> token strings that play it, first match wins (covers our three families and common HF files)
 _ROLES = {
@@ -295,6 +302,8 @@ def train(
     check_vocab_size(kind, vocab_size, extra_ids)
     tok, specials = build(kind, lowercase=lowercase, extra_ids=extra_ids)
     added = [AddedToken(s, special=True, normalized=False) for s in specials]
+    encoding = tok.pre_tokenizer
+    tok.pre_tokenizer = capped(encoding, MAX_TRAIN_WORD)  # for training only: the file keeps `encoding`
     if kind == "wordpiece":
         tok = _train_wordpiece(tok, specials, texts, vocab_size, min_frequency, show_progress)
     else:
@@ -314,10 +323,23 @@ def train(
                 raise
             raise ConfigError(f"--vocab-size {vocab_size} is too small for {kind} on this text: the vocab "
                               "must hold every character it uses; raise --vocab-size") from None
+    tok.pre_tokenizer = encoding
     _post_processor(kind, tok)
     # hand back what tokenizer.json will hold: a freshly trained Unigram can segment a few strings
     # differently from the same model read back from its JSON (seen ~1 in 20 trainings)
     return Tokenizer(_HFTokenizer.from_str(tok.to_str()))
+
+
+def capped(pre: pre_tokenizers.PreTokenizer, cap: int) -> pre_tokenizers.PreTokenizer:
+    """`pre`, then every word longer than `cap` characters cut into pieces of `cap` (the last shorter).
+
+    For training: a whitespace-free run (a CJK line without punctuation, a base64 blob) is one word, and
+    the trainers' cost grows with the longest word (Unigram crashes). Shorter words are left whole.
+
+    >>> capped(pre_tokenizers.Metaspace(), cap=4).pre_tokenize_str("ab abcdefghij")
+    [('▁ab', (0, 2)), ('▁abc', (2, 6)), ('defg', (6, 10)), ('hij', (10, 13))]
+    """
+    return pre_tokenizers.Sequence([pre, pre_tokenizers.Split(Regex(rf"[\s\S]{{1,{cap}}}"), "isolated")])
 
 
 def _train_wordpiece(tok: _HFTokenizer, specials: list[str], texts: Iterable[str], vocab_size: int,

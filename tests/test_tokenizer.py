@@ -2,6 +2,8 @@
 
 import json
 import random
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -10,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from lmforge.cli import main
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.tokenizer import Tokenizer, train
+from lmforge.tokenizer import TYPES, Tokenizer, build, capped, train
 from lmforge.tokenizer_cli import language_of, stats
 
 ZH = ["今天天气很好，我们去公园散步。", "人工智能正在改变世界。", "学习语言模型需要大量的数据。",
@@ -419,3 +421,44 @@ def test_cli_stats_prints_each_language_with_its_own_measure(toks, tmp_path, cap
         "no-letters"])
 def test_language_of_says_zh_above_30_percent_ideographs_among_letters(text, lang):
     assert language_of(text) == lang
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_training_sees_long_words_cut_at_the_cap_and_encoding_does_not(kind, monkeypatch):
+    """A run without spaces (a CJK line without punctuation, a base64 blob) is one pre-tokenized word;
+    the trainers cost grows with the longest word, so training gets it in pieces of MAX_TRAIN_WORD.
+    Shorter words stay whole, and the saved tokenizer pre-tokenizes as it always did."""
+    import lmforge.tokenizer
+
+    pre = build(kind)[0].pre_tokenizer
+    text = "a few short words, then " + "abcdefghij" * 3 + " and 中文中文中文"
+    whole = [w for w, _ in pre.pre_tokenize_str(text)]
+    assert [w for w, _ in capped(pre, 8).pre_tokenize_str(text)] == [
+        w[i:i + 8] for w in whole for i in range(0, len(w), 8)]
+    longest = max(map(len, whole))  # a word exactly as long as the cap stays whole
+    assert [w for w, _ in capped(pre, longest).pre_tokenize_str(text)] == whole
+
+    monkeypatch.setattr(lmforge.tokenizer, "MAX_TRAIN_WORD", 8)
+    rng = random.Random(0)
+    docs = ["".join(rng.choice(ZH) for _ in range(5)) for _ in range(100)]  # one Unigram word each
+    tok = train(kind, docs + ["the alphabet abcdefghijklmnopqrstuvwxyz"] * 50, vocab_size=400, extra_ids=0)
+    specials = {t.content for t in tok.inner.get_added_tokens_decoder().values()}
+    pieces = [t.removeprefix("##") for t in tok.inner.get_vocab() if t not in specials]
+    assert max(map(len, pieces)) <= 8  # uncut: 16 (Unigram's longest), 26 (WordPiece), 39 (BPE)
+    saved, built = (json.loads(t.to_str())["pre_tokenizer"] for t in (tok.inner, build(kind)[0]))
+    assert saved == built
+
+
+def test_cli_trains_unigram_on_a_long_line_without_spaces(tmp_path):
+    """`tokenizers` segfaults training Unigram on a word of ~65,000+ characters (a CJK line without
+    spaces or punctuation is one word to its Metaspace pre-tokenizer). In a child process, so that a
+    crash fails this test rather than killing the test run."""
+    line = "".join(map(chr, random.Random(0).choices(range(0x4E00, 0x4E00 + 3000), k=100_000)))
+    data = tmp_path / "long.txt"
+    data.write_text("a few normal words.\n" * 5 + line + "\n", encoding="utf-8")
+    args = ["tokenizer", "train", "--type", "unigram", "--data", str(data), "--vocab-size", "4000",
+            "--out", str(tmp_path / "tok")]
+    run = subprocess.run([sys.executable, "-m", "lmforge", *args], capture_output=True, text=True, timeout=99)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    tok = Tokenizer.load(tmp_path / "tok")
+    assert tok.decode(tok.encode(line)) == line
