@@ -325,6 +325,65 @@ def test_a_wordpiece_gpt_exports_its_sep_as_where_generation_stops(tmp_path):
     assert api.load(tmp_path / "hf")[1].stop_ids == [tok.sep_id]  # and back in, the same
 
 
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
+def test_an_exported_gpt_tokenizer_encodes_a_prompt_as_lmforge_does(kind, tmp_path):
+    """lmforge feeds a GPT the prompt's raw ids (`encode_prompt`); transformers' `tokenizer(text)` applies
+    the post-processor, which for our WordPiece adds [CLS] A [SEP] and for Unigram A </s> (made for BERT
+    and T5). The exported GPT's tokenizer adds neither, so HF generate continues from the same ids."""
+    from lmforge import api
+    from lmforge.config import ModelConfig
+    from lmforge.models.store import build_model, save_model
+    from lmforge.tokenizer import train
+
+    docs = ["the cat sat on the mat, and the dog sat on the log.", "a bird flew over the house."] * 30
+    tok = train(kind, docs, vocab_size={"bpe": 300, "wordpiece": 100, "unigram": 150}[kind])
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=tok.vocab_size, max_seq_len=32, n_layer=1, n_head=2,
+                                    d_model=16))
+    with torch.no_grad():  # peaked logits: a varied continuation, which the prompt's ids steer
+        for p in model.parameters():
+            p.normal_(0.0, 0.5 if p.dim() > 1 else 0.1)
+    save_model(model, tmp_path / "run")
+    tok.save(tmp_path / "run")
+    convert.export_hf(tmp_path / "run", tmp_path / "hf")
+    model, ours = api.load(tmp_path / "run")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    prompt = "the dog sat on"
+    ids = ours.encode_prompt(prompt)
+    assert hf_tok(prompt).input_ids == ids == ours.encode(prompt)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        want = hf.generate(**hf_tok(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                           pad_token_id=0)[0, len(ids):].tolist()  # ends at eos, if one comes
+    got = generate(model, [ids], max_new_tokens=8, temperature=0)[0]
+    assert len(set(got)) > 1 and got[:len(want)] == want
+    if kind == "wordpiece":  # a BERT export keeps [CLS] A [SEP]: BERT needs them
+        _run_dir(tmp_path / "bert", vocab_size=tok.vocab_size, family="bert", heads="mlm",
+                 norm_position="post")
+        tok.save(tmp_path / "bert")
+        convert.export_hf(tmp_path / "bert", tmp_path / "hf-bert")
+        bert_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf-bert")
+        assert bert_tok(prompt).input_ids == [tok.cls_id] + ids + [tok.sep_id]
+
+
+@pytest.mark.parametrize("template,kept", [("<s> $A", True), ("<s> $A </s>", False), ("$A </s>", False)])
+def test_an_exported_gpt_keeps_a_leading_bos_and_nothing_else(template, kept):
+    """Llama-style files start every prompt with <s> in lmforge too (`encode_prompt`): that template goes
+    out as it came in; any other token a template adds is dropped from a GPT's exported tokenizer."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, processors
+
+    from lmforge.models.convert_tokenizer import prompt_post_processor
+    from lmforge.tokenizer import Tokenizer
+
+    inner = HFTok(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3}, unk_token="<unk>"))
+    inner.post_processor = processors.TemplateProcessing(single=template,
+                                                         special_tokens=[("<s>", 1), ("</s>", 2)])
+    out = prompt_post_processor(inner)
+    assert out.encode("hello").ids == Tokenizer(inner).encode_prompt("hello")
+    assert (out.to_str() == inner.to_str()) == kept
+
+
 def test_pytorch_bin_and_sharded_safetensors_import(tmp_path):
     hf = make_hf("llama-gqa-untied", tmp_path / "hf")
     ids, mask, types = inputs()

@@ -379,7 +379,8 @@ def export_hf(run_dir: str | Path, out_dir: str | Path, force: bool = False) -> 
         check_tokenizer_fits(run_dir, tok.get_vocab_size(with_added_tokens=True), cfg.vocab_size)
     with atomic_dir(out_dir) as tmp:
         if tok is not None:
-            hf_cfg.update(convert_tokenizer.write_hf_tokenizer(tok, tmp, cfg.max_seq_len))
+            causal = cfg.family == "gpt"  # a GPT's tokenizer(prompt) gives the ids lmforge generates from
+            hf_cfg.update(convert_tokenizer.write_hf_tokenizer(tok, tmp, cfg.max_seq_len, causal))
         if ARCHITECTURES[arch] != "bert":
             gen = {k: hf_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf_cfg}
             stop = eos_ids(run_dir)  # an imported model's own list goes back out as it came in

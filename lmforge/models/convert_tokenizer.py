@@ -8,7 +8,8 @@ builds:
     vocab.json + merges.txt -> byte-level BPE (GPT-2)
 A tokenizer.json's built-in padding / truncation settings are dropped: lmforge pads its own batches.
 Export: `tokenizer.json` is copied and a `tokenizer_config.json` naming the special tokens is written,
-so `transformers.AutoTokenizer.from_pretrained(dir)` loads it.
+so `transformers.AutoTokenizer.from_pretrained(dir)` loads it. A GPT's copy encodes a prompt as lmforge
+does (`prompt_post_processor`): our WordPiece's [CLS] A [SEP] and Unigram's A </s> are for BERT and T5.
 
     >>> tok = tokenizer_from_hf("bert-dir")        # a tokenizers.Tokenizer, or None when the folder has none
     >>> tok.encode("Hello world").tokens
@@ -107,15 +108,49 @@ def tokenizer_from_hf(hf_dir: str | Path) -> Tokenizer | None:
     return None
 
 
-def write_hf_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int) -> dict[str, int]:
-    """Write tokenizer.json + tokenizer_config.json into `out_dir`; return {'eos_token_id': 2, ...}.
+def prompt_post_processor(tok: Tokenizer) -> Tokenizer:
+    """A copy of `tok` whose post-processor adds to a text what lmforge adds to a generation prompt.
 
-    The special tokens are the roles lmforge's Tokenizer recognises (eos, bos, pad, unk, cls, sep, mask).
+    `Tokenizer.encode_prompt` gives the raw ids, with bos in front where the template starts with it
+    (Llama), while `transformers` applies the whole post-processor (`add_special_tokens=True`). So a
+    template becomes "bos $A" or goes (a Llama one that already reads so stays as it is), Bert / Roberta
+    processors go, and ByteLevel (offsets only) stays.
+
+    >>> prompt_post_processor(wordpiece).encode("hi there").tokens      # was [CLS] hi there [SEP]
+    ['hi', 'there']
     """
     from lmforge.tokenizer import Tokenizer as Ours
 
     ours = Ours(tok)
-    tok.save(str(out_dir / "tokenizer.json"))
+    leads = ours.bos_id is not None and ours._template_starts_with_bos()
+    bos = ours.id_to_token(ours.bos_id) if leads else None
+    want = json.loads(processors.TemplateProcessing(  # its JSON, as tokenizer.json holds it
+        single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, ours.bos_id)]
+    ).__getstate__()) if bos else None
+    spec = json.loads(tok.to_str())
+    pp = spec.get("post_processor") or {}
+    kept = []
+    for step in pp.get("processors", []) if pp.get("type") == "Sequence" else [pp] if pp else []:
+        if step["type"] == "ByteLevel":
+            kept.append(step)
+        elif step["type"] == "TemplateProcessing" and want:
+            kept.append(step if step["single"] == want["single"] else want)
+    spec["post_processor"] = (None if not kept else kept[0] if len(kept) == 1
+                              else {"type": "Sequence", "processors": kept})
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def write_hf_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int, causal: bool = False) -> dict[str, int]:
+    """Write tokenizer.json + tokenizer_config.json into `out_dir`; return {'eos_token_id': 2, ...}.
+
+    The special tokens are the roles lmforge's Tokenizer recognises (eos, bos, pad, unk, cls, sep, mask).
+    `causal` (a GPT): `tokenizer(prompt)` in transformers gives the ids lmforge generates from
+    (`prompt_post_processor`); an encoder keeps its [CLS] A [SEP].
+    """
+    from lmforge.tokenizer import Tokenizer as Ours
+
+    ours = Ours(tok)
+    (prompt_post_processor(tok) if causal else tok).save(str(out_dir / "tokenizer.json"))
     ids = {role: getattr(ours, f"{role}_id") for role in ("bos", "eos", "unk", "pad", "cls", "sep", "mask")}
     ids = {role: i for role, i in ids.items() if i is not None}
     tcfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len}
