@@ -546,6 +546,17 @@ def test_top_k_larger_than_the_vocab_filters_nothing():
     assert {t for row in out for t in row} == {0, 1, 2, 3, 4}
 
 
+def test_top_k_zero_means_off():
+    """top_k=0 (the CLI's --top-k 0) filters nothing: the same draws as no top-k at all."""
+    logits = torch.tensor([[0.0, 0.1, 0.2, 0.3, 0.4]]).expand(200, -1)
+    a = sample_next(logits, 1.0, 0, None, torch.Generator().manual_seed(0))
+    b = sample_next(logits, 1.0, None, None, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and set(a.tolist()) == {0, 1, 2, 3, 4}
+    m = FixedLogits([0.0, 0.1, 0.2])
+    off = generate(m, [[0]], max_new_tokens=8, seed=1)
+    assert generate(m, [[0]], max_new_tokens=8, top_k=0, seed=1) == off
+
+
 def test_any_seed_torch_generator_takes_is_accepted():
     """torch.Generator.manual_seed takes -(2**63) .. 2**64 - 1; each such seed is reproducible."""
     m = FixedLogits([0.0] * 50)

@@ -286,3 +286,52 @@ def test_info_memory_and_step_flops_by_hand():
     assert info["memory"]["bf16"]["total"] == w + w + 2 * w + act16 + logits
     per_token = 6 * (85_056_000 + V * d) + 12 * L * T * d
     assert info["flops_per_token"] == per_token and info["flops_per_step"] == per_token * B * T * 3
+
+
+def test_position_ids_past_the_context_are_a_clear_error():
+    """Explicit position_ids (left-padded generation) are checked too: the last position is max_seq_len - 1;
+    one more is the ConfigError, not an IndexError from the position table."""
+    for flavour in (GPT2, LLAMA):
+        m = _model(flavour)
+        ids = torch.tensor([[5, 6]])
+        with torch.no_grad():
+            assert m(ids, position_ids=torch.tensor([[30, 31]])).shape == (1, 2, 97)
+        with pytest.raises(ConfigError, match="33 tokens.*max_seq_len=32"):
+            m(ids, position_ids=torch.tensor([[31, 32]]))
+
+
+@pytest.mark.parametrize("flavour", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_dropout_model_in_eval_mode_gives_the_dropout_free_logits(flavour):
+    """Embedding, attention, MLP and residual dropout are all off after .eval()."""
+    m = _model(flavour, dropout=0.3)
+    ref = _model(flavour)
+    ref.load_state_dict(m.state_dict())
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x))
+        assert not torch.allclose(m.train()(x), ref(x))
+
+
+def test_the_checkpointing_switch_leaves_eval_mode_cached_decoding_alone():
+    """A model trained with activation checkpointing keeps gradient_checkpointing=True; in eval mode the
+    KV cache must still be filled (checkpointed blocks are called without it)."""
+    m = _model(LLAMA)
+    m.gradient_checkpointing = True
+    x = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        full = m(x)
+        cache = m.make_cache(2)
+        parts = [m(x[:, :5], cache=cache)] + [m(x[:, t:t + 1], cache=cache) for t in range(5, 8)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_init_std_of_every_weight_matrix():
+    """N(0, 0.02) everywhere, and 0.02 / sqrt(2 n_layer) for both residual projections (attn.o, mlp.proj)."""
+    m = _model(GPT2, d_model=64, n_layer=4)
+    small = 0.02 / (2 * 4) ** 0.5
+    for name, p in m.named_parameters():
+        if p.dim() < 2:
+            continue
+        want = small if name.endswith(("attn.o.weight", "mlp.proj.weight")) else 0.02
+        assert p.std().item() == pytest.approx(want, rel=0.1), name
+        assert abs(p.mean().item()) < 0.1 * want, name

@@ -208,3 +208,35 @@ def test_causal_bias_aligns_queries_to_the_last_positions():
     assert causal_bias(2, 3, torch.float32, cpu).tolist() == [[0.0, 0.0, inf], [0.0, 0.0, 0.0]]
     square = [[0.0, inf, inf], [0.0, 0.0, inf], [0.0, 0.0, 0.0]]
     assert causal_bias(3, 3, torch.float32, cpu).tolist() == square
+
+
+def test_rmsnorm_in_bf16_is_bitwise_transformers_llama_rmsnorm():
+    """bf16 input: mean square and rsqrt in fp32, cast back, then the gain (HF's LlamaRMSNorm order);
+    the norm in bf16 itself, or the gain applied before the cast, rounds differently."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(64, eps=1e-6), LlamaRMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(64))
+        ref.weight.copy_(ours.weight)
+    ours, ref = ours.bfloat16(), ref.bfloat16()
+    x = (torch.randn(4, 16, 64) * 3).bfloat16()
+    with torch.no_grad():
+        got, want = ours(x), ref(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_attention_dropout_is_off_in_eval_mode(impl):
+    """model.dropout > 0: eval mode gives the dropout-free output (deterministic); training mode drops."""
+    torch.manual_seed(0)
+    drop = Attention(_cfg(dropout=0.5, attn_impl=impl), causal=True)
+    plain = Attention(_cfg(attn_impl=impl), causal=True)
+    plain.load_state_dict(drop.state_dict())
+    x = torch.randn(2, 6, 32)
+    drop.eval()
+    torch.testing.assert_close(drop(x), plain.eval()(x))
+    drop.train()
+    assert not torch.allclose(drop(x), plain(x))

@@ -63,6 +63,16 @@ def test_linear_and_constant_by_hand():
     assert [lr_at(s, const) for s in (0, 1, 2, 9, 50)] == pytest.approx([1.0, 2.0, 2.0, 2.0, 2.0])
 
 
+def test_a_schedule_that_is_all_warmup_ends_at_min_lr():
+    """warmup_steps = max_steps (allowed): the decay span is empty; past max_steps the lr is min_lr, no
+    division by zero."""
+    for schedule in ("cosine", "linear"):
+        t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=5, max_steps=5, schedule=schedule)
+        assert [lr_at(s, t) for s in (0, 4)] == pytest.approx([0.2, 1.0])
+        assert lr_at(6, t) == pytest.approx(0.1) and lr_at(50, t) == pytest.approx(0.1)
+        assert 0.1 <= lr_at(5, t) <= 1.0
+
+
 def test_schedule_is_a_pure_function_of_step():
     t = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=100)
     forward = [lr_at(s, t) for s in range(120)]

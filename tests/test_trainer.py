@@ -161,6 +161,20 @@ def test_trainer_refuses_a_tokenizer_larger_than_the_model(tmp_path):
         Trainer(cfg, GPT(cfg.model), Synthetic(cfg), Tok(), progress=False)
 
 
+def test_trainer_takes_a_tokenizer_exactly_the_size_of_the_model(tmp_path):
+    """vocab_size = the tokenizer's size is what the error tells users to pass; one id short is refused."""
+    from lmforge.errors import ConfigError
+
+    class Tok:
+        vocab_size = 96
+
+    cfg = tiny_cfg(tmp_path)  # vocab_size 96
+    Trainer(cfg, GPT(cfg.model), Synthetic(cfg), Tok(), progress=False)
+    Tok.vocab_size = 97
+    with pytest.raises(ConfigError, match="model.vocab_size=96 is smaller than the tokenizer's 97 tokens"):
+        Trainer(cfg, GPT(cfg.model), Synthetic(cfg), Tok(), progress=False)
+
+
 class NaNAfter(Synthetic):
     """Returns a NaN loss from the `bad_call`-th loss() call on."""
 
@@ -829,6 +843,22 @@ def test_evaluate_scores_max_batches_like_an_outside_reference(tmp_path):
     assert out["ppl"] == pytest.approx(math.exp(ref.item()), rel=1e-6)
 
 
+def test_evaluate_puts_a_model_in_eval_mode_back_in_eval_mode(tmp_path):
+    """evaluate() restores the mode the model came in: an eval-mode model (loaded for inference, dropout
+    off) stays in eval mode, a training one goes back to training."""
+    from lmforge.train.evaluate import evaluate
+
+    cfg = tiny_cfg(tmp_path, dropout=0.1)
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    obj = Synthetic(cfg)
+    batches = [next(obj.stream("val", 2, 0))]
+    assert evaluate(model, obj, iter(batches), torch.device("cpu"), "fp32")
+    assert not model.training and not any(m.training for m in model.modules())
+    evaluate(model.train(), obj, iter(batches), torch.device("cpu"), "fp32")
+    assert model.training
+
+
 def test_bits_per_byte_of_a_decoded_tokenizer_leaves_out_special_tokens():
     """WordPiece has no byte table: targets are decoded, and [CLS] / [SEP] stand for no bytes."""
     from lmforge import tokenizer as tk
@@ -839,6 +869,23 @@ def test_bits_per_byte_of_a_decoded_tokenizer_leaves_out_special_tokens():
     obj = CausalLM(load_config("gpt-tiny"), tok)
     labels = torch.tensor([[tok.cls_id, *tok.encode("the cat sat"), tok.sep_id, -100]])
     assert obj.eval_stats({"labels": labels}) == {"bytes": len(b"the cat sat")}
+
+
+def test_bits_per_byte_of_a_decoded_tokenizer_counts_utf8_bytes_not_characters():
+    """No byte table: the decoded targets are measured in UTF-8 bytes (euro 3, em dash 3, sharp s 2)."""
+    from lmforge import tokenizer as tk
+    from lmforge.config import load_config
+
+    tok = tk.train("wordpiece", ["the cat costs 5€ — ok ß"] * 20, vocab_size=60)
+    assert tok.byte_lengths() is None
+    obj = CausalLM(load_config("gpt-tiny"), tok)
+    ids = tok.encode("the cat costs 5€ — ok ß")
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text == "the cat costs 5€ — ok ß"
+    stats = obj.eval_stats({"labels": torch.tensor([ids + [-100]])})
+    assert stats == {"bytes": len(text.encode("utf-8"))} and stats["bytes"] == len(text) + 5
+    got = obj.metrics(stats, loss_sum=math.log(2) * 10, n_targets=len(ids))
+    assert got["bpb"] == pytest.approx(10 / stats["bytes"])
 
 
 def test_bits_per_byte_byte_table_skips_unscored_positions():
