@@ -200,3 +200,19 @@ def test_a_verb_of_sub_commands_without_one_is_a_usage_error(verb, what, capsys)
         main([verb])
     assert e.value.code == 2
     assert f"error: the following arguments are required: {what}" in capsys.readouterr().err
+
+
+def test_cli_without_arguments_prints_the_help_and_succeeds(capsys):
+    from lmforge.cli import main
+
+    assert main([]) == 0
+    out, err = capsys.readouterr()
+    assert "VERB" in out and err == ""
+
+
+def test_cli_unknown_option_of_a_verb_without_overrides_is_a_usage_error(capsys):
+    from lmforge.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["data", "list", "--bogus"])  # a mistyped flag is never silently ignored
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

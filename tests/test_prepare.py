@@ -502,3 +502,21 @@ def test_every_shard_but_the_last_holds_exactly_shard_tokens(bpe, corpus, tmp_pa
     sizes = [(tmp_path / "out" / s).stat().st_size // 4 for s in shards]
     assert len(sizes) > 2 and sizes[:-1] == [777] * (len(sizes) - 1) and 0 < sizes[-1] <= 777
     assert sum(sizes) == meta["splits"]["train"]["tokens"]
+
+
+def test_document_0_never_goes_to_val():
+    from lmforge.data.prepare import val_mask
+
+    assert val_mask(0, 6, 0.5, None).tolist() == [False, True, False, True, False, True]
+    assert val_mask(0, 3, 0.99, None).tolist() == [False, True, True]
+    assert val_mask(0, 4, 0.0, 2).tolist() == [True, True, False, False]  # --val-docs: the first N
+
+
+def test_val_fraction_and_val_docs_together_are_a_usage_error(bpe, tmp_path, capsys):
+    data = tmp_path / "docs.txt"
+    data.write_text("one doc")
+    with pytest.raises(SystemExit) as e:
+        main(["prepare", "--data", str(data), "--tokenizer", str(bpe), "--out", str(tmp_path / "o"),
+              "--val-fraction", "0.5", "--val-docs", "1"])
+    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

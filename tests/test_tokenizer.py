@@ -462,3 +462,15 @@ def test_cli_trains_unigram_on_a_long_line_without_spaces(tmp_path):
     assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
     tok = Tokenizer.load(tmp_path / "tok")
     assert tok.decode(tok.encode(line)) == line
+
+
+def test_is_cjk_covers_kana_and_hangul():
+    from lmforge.tokenizer_cli import is_cjk
+
+    assert [is_cjk(c) for c in "中あア한a1"] == [True, True, True, True, False, False]
+
+
+def test_stats_counts_words_split_by_any_whitespace(toks):
+    tok, _ = toks["bpe"]
+    doc = "the cat\nsat  on\tthe mat\n"
+    assert stats(tok, [doc])["other"]["words"] == 6
