@@ -256,6 +256,10 @@ a = lmforge.generate(model, tok, "the cat", max_new_tokens=4, temperature=0)
 from lmforge import generate
 b = generate(model, tok, "the cat", max_new_tokens=4, temperature=0)
 assert a == b and isinstance(a, str) and callable(generate_ids), (a, b)
+import lmforge.config, lmforge.train.trainer
+for name in ("load_config", "RunConfig", "ModelConfig", "TrainConfig", "DataConfig", "GenerateConfig"):
+    assert getattr(lmforge, name) is getattr(lmforge.config, name), name
+assert lmforge.Trainer is lmforge.train.trainer.Trainer
 print(len(a))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

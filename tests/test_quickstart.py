@@ -293,3 +293,18 @@ def test_quickstart_on_chinese_text_samples_chinese_prompts(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "--- '今天'" in printed and "--- 'The '" not in printed
     assert f"lmforge generate {tmp_path / 'qs' / 'run'} {shlex.quote('今天')} --temperature" in printed
+
+
+def test_cli_flags_reach_quickstart(monkeypatch):
+    """Each `lmforge quickstart` flag is passed on (a dropped --steps would train the preset's 600)."""
+    import lmforge.quickstart as qs
+
+    seen = {}
+    monkeypatch.setattr(qs, "quickstart", lambda *a: seen.setdefault("args", a))
+    assert main(["quickstart", "--data", "austen", "--out", "o", "--preset", "gpt-tiny",
+                 "--vocab-size", "300", "--steps", "3", "--max-time", "9", "--prompt", "A", "--prompt", "B",
+                 "--train.lr=0.1"]) == 0
+    data, out, preset, vocab, steps, max_time, prompts, overrides = seen["args"]
+    assert (data, out, preset, vocab, steps, max_time, prompts) == ("austen", "o", "gpt-tiny", 300, 3, 9.0,
+                                                                   ["A", "B"])
+    assert overrides == ["--train.lr=0.1"]
