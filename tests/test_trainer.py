@@ -1213,3 +1213,26 @@ def test_evaluate_outside_fit_scores_without_writing_and_after_fit_too(tmp_path)
     after = trainer.evaluate()
     assert after == {k: v for k, v in json.loads(lines[-1]).items() if k != "step"}
     assert (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() == lines  # nothing appended
+
+
+def test_tensorboard_scalars_are_metrics_jsonl_under_train_and_val_tags(tmp_path):
+    """What TensorBoard shows is metrics.jsonl: train/KEY and val/KEY (val_ prefix dropped), same steps, same
+    values (read back with tensorboard's own EventAccumulator)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_cfg(tmp_path, max_steps=4, save_every=4, eval_every=2, tensorboard=True)
+    make_trainer(cfg).fit()
+    run = tmp_path / "run"
+    want: dict[str, list] = {}
+    for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()):
+        for k, v in r.items():
+            if k != "step":
+                tag = "val/" + k[4:] if k.startswith("val_") else "train/" + k
+                want.setdefault(tag, []).append((r["step"], v))
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    got = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    assert {"train/loss", "train/lr", "val/loss", "val/ppl"} <= set(got) and set(got) == set(want)
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
