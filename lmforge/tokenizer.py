@@ -70,6 +70,12 @@ def _refuse_undecodable(texts: Iterable[str]) -> None:
                             "text (e.g. convert it with iconv -t UTF-8)") from None
 
 
+def post_processor_steps(spec: dict) -> list[dict]:
+    """The post-processor steps of a tokenizer.json (parsed): the steps of a Sequence, the one, or none."""
+    pp = spec.get("post_processor") or {}
+    return pp.get("processors", []) if pp.get("type") == "Sequence" else [pp] if pp else []
+
+
 class Tokenizer:
     """Our tokenizer: the `tokenizers.Tokenizer` in `.inner` plus the special ids the rest of lmforge uses.
 
@@ -144,16 +150,16 @@ class Tokenizer:
         A tokenizer without bos (Unigram, WordPiece) starts an empty prompt with the separator
         (eos or [SEP]): in the shards every document follows one."""
         ids = self.encode(text)
-        if self.bos_id is not None and (not ids or self._template_starts_with_bos()):
+        if self.bos_id is not None and (not ids or self.prompts_start_with_bos()):
             ids = [self.bos_id] + ids
         elif not ids and self.stop_ids:
             ids = self.stop_ids[:1]
         return ids
 
-    def _template_starts_with_bos(self) -> bool:
+    def prompts_start_with_bos(self) -> bool:
+        """True when this tokenizer's own template puts bos before a text (Llama / SentencePiece files)."""
         if not hasattr(self, "_adds_bos"):
-            pp = json.loads(self.inner.to_str()).get("post_processor") or {}
-            steps = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
+            steps = post_processor_steps(json.loads(self.inner.to_str()))
             first = [s["single"][0] for s in steps
                      if s.get("type") == "TemplateProcessing" and s.get("single")]
             name = self.id_to_token(self.bos_id) if self.bos_id is not None else None

@@ -120,17 +120,17 @@ def prompt_post_processor(tok: Tokenizer) -> Tokenizer:
     ['hi', 'there']
     """
     from lmforge.tokenizer import Tokenizer as Ours
+    from lmforge.tokenizer import post_processor_steps
 
     ours = Ours(tok)
-    leads = ours.bos_id is not None and ours._template_starts_with_bos()
+    leads = ours.bos_id is not None and ours.prompts_start_with_bos()
     bos = ours.id_to_token(ours.bos_id) if leads else None
     want = json.loads(processors.TemplateProcessing(  # its JSON, as tokenizer.json holds it
         single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, ours.bos_id)]
     ).__getstate__()) if bos else None
     spec = json.loads(tok.to_str())
-    pp = spec.get("post_processor") or {}
     kept = []
-    for step in pp.get("processors", []) if pp.get("type") == "Sequence" else [pp] if pp else []:
+    for step in post_processor_steps(spec):
         if step["type"] == "ByteLevel":
             kept.append(step)
         elif step["type"] == "TemplateProcessing" and want:
